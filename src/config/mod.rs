@@ -1,0 +1,120 @@
+//! Configuration: Asterisk-style INI (`popivr.conf`, optionally accounts
+//! from `xmpp.conf`), parsed once into plain structs and validated up front.
+
+// mod ini;
+// mod load;
+
+// pub use ini::{parse_ini, IniError, Section, Entry};
+// pub use load::{load_file, load_str, ConfigError};
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default location, overridable with `--config` or `POPIVR_CONFIG`.
+pub const DEFAULT_PATH: &str = "/etc/asterisk/popivr.conf";
+
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub accounts: BTreeMap<String, Account>,
+    pub profiles: BTreeMap<String, Profile>,
+}
+
+/// An XMPP account; keys as in Asterisk's `xmpp.conf` client sections.
+#[derive(Clone)]
+pub struct Account {
+    pub name: String,
+    /// `username`: a bare or full JID (`pbx@example.org/pbx`).
+    pub username: String,
+    /// `secret`. Never logged (see the `Debug` impl).
+    pub secret: String,
+    /// `serverhost`: connect here instead of the JID's domain.
+    pub serverhost: Option<String>,
+    /// `port`, default 5222.
+    pub port: u16,
+    /// `usetls` (default yes): STARTTLS with a verified certificate.
+    pub usetls: bool,
+    /// `usesasl` (default yes). popivr always uses SASL; `no` is rejected.
+    pub usesasl: bool,
+    /// `allow_plaintext` (default no): `usetls=no` is refused unless this is yes.
+    pub allow_plaintext: bool,
+    /// `ca_file`: extra PEM CA certificates trusted beside the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// `statusmessage`.
+    pub statusmessage: Option<String>,
+    /// `timeout` (seconds, default 5): connect + TLS + auth must finish within it.
+    pub timeout: Duration,
+    /// Where the account was defined, for error messages.
+    pub origin: String,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("name", &self.name)
+            .field("username", &self.username)
+            .field("secret", &"<hidden>")
+            .field("serverhost", &self.serverhost)
+            .field("port", &self.port)
+            .field("usetls", &self.usetls)
+            .field("allow_plaintext", &self.allow_plaintext)
+            .field("ca_file", &self.ca_file)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// What a reply, key or timeout does to the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActionKind {
+    /// Set `POPIVR_ACTION=<label>` and leave with `E`.
+    Continue(String),
+    /// Set `POPIVR_ACTION=forward`, `POPIVR_TARGET=<number>` and `E`.
+    /// `None`: the number comes from the reply (`fwd 2001`).
+    Forward(Option<String>),
+    /// `H`.
+    Hangup,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    pub kind: ActionKind,
+    /// Played (interrupting the hold audio) before leaving.
+    pub prompt: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplyRule {
+    /// Lower-case words that select this rule (`1`, `vm`, `fwd`).
+    pub words: Vec<String>,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: String,
+    /// Name of an entry in [`Config::accounts`].
+    pub account: String,
+    /// Bare JIDs that get the pop and may answer it.
+    pub targets: Vec<String>,
+    /// The pop text (see `template`).
+    pub template: String,
+    /// The confirmation sent to the agent who steered the call.
+    pub confirm: String,
+    /// Sent back on a reply that matches no rule.
+    pub help: String,
+    /// Hold audio, played in a loop.
+    pub hold: Vec<String>,
+    /// Channel variables read with `G` at call start.
+    pub variables: Vec<String>,
+    /// SIP headers read with `G,PJSIP_HEADER(read,X)`.
+    pub sip_headers: Vec<String>,
+    pub replies: Vec<ReplyRule>,
+    /// Caller keys → action.
+    pub keys: BTreeMap<char, Action>,
+    pub timeout: Duration,
+    pub default_action: Action,
+    /// FILTER-like allowed numbers for `forward`: Asterisk patterns (`_2XXX`) or literals.
+    pub forward_allow: Vec<String>,
+    pub origin: String,
+}

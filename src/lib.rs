@@ -1,0 +1,8 @@
+//! popivr: interactive screen pops for Asterisk's ExternalIVR over XMPP.
+
+pub mod call;
+pub mod config;
+pub mod eivr;
+pub mod sim;
+pub mod template;
+pub mod xmpp;

@@ -1,0 +1,1 @@
+//! An Asterisk-side simulator for tests and the demo.

@@ -1,0 +1,1 @@
+//! Placeholder rendering for pops and confirmations.

@@ -1,0 +1,1 @@
+//! The XMPP side: connect, presence, send, receive.
