@@ -2,11 +2,29 @@
 //! (popivr → Asterisk). `parse` reads event lines, `write` renders commands
 //! and is the one place that enforces the wire rules.
 
-// mod parse;
+mod parse;
+mod reader;
 // mod write;
 
-// pub use parse::{parse_event, ParseError};
-// pub use write::{render, sanitize_value, valid_var_name, WireError, MAX_LINE};
+pub use parse::{MAX_EVENT_LINE, ParseError, parse_event};
+pub use reader::LineReader;
+// pub use write::{MAX_LINE, WireError, clean_text, render, sanitize_value, valid_var_name};
+
+/// At most this many bytes of an offending line are quoted in an error.
+const EXCERPT_BYTES: usize = 60;
+
+/// A log-safe excerpt of raw wire bytes for error messages: at most
+/// [`EXCERPT_BYTES`] bytes, with every byte that is not printable ASCII
+/// escaped (`\n`, `\x00`, `\xe2`…), so no control, bidi override or invalid
+/// UTF-8 from the other side can reach a log line. A cut is marked with `...`.
+pub(crate) fn excerpt(bytes: &[u8]) -> String {
+    let shown = &bytes[..bytes.len().min(EXCERPT_BYTES)];
+    let mut out = shown.escape_ascii().to_string();
+    if shown.len() < bytes.len() {
+        out.push_str("...");
+    }
+    out
+}
 
 /// A DTMF key as Asterisk reports it: `0`-`9`, `A`-`D`, `*`, `#`.
 pub type Key = char;
@@ -46,7 +64,7 @@ pub enum Event {
 /// Split the data of a `G` event into `(name, value)` pairs, given the names
 /// that were asked for in that `G`. Values may themselves contain commas, so
 /// the split is guided by the expected names, in order.
-pub fn split_vars<'a>(data: &'a str, names: &[&str]) -> Vec<(String, String)> {
+pub fn split_vars(data: &str, names: &[&str]) -> Vec<(String, String)> {
     let mut out = Vec::with_capacity(names.len());
     let mut rest = data;
     for (i, name) in names.iter().enumerate() {
@@ -90,7 +108,11 @@ pub enum Command {
     /// `T,x`: answer the channel.
     Answer,
     /// `D,digits[,interval][,duration]`: send DTMF.
-    SendDtmf { digits: String, interval_ms: Option<u32>, duration_ms: Option<u32> },
+    SendDtmf {
+        digits: String,
+        interval_ms: Option<u32>,
+        duration_ms: Option<u32>,
+    },
     /// `L,message`: write to the Asterisk log.
     Log(String),
     /// `P,x`: ask for the start parameters.
