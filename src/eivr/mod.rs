@@ -4,11 +4,11 @@
 
 mod parse;
 mod reader;
-// mod write;
+mod write;
 
 pub use parse::{MAX_EVENT_LINE, ParseError, parse_event};
 pub use reader::LineReader;
-// pub use write::{MAX_LINE, WireError, clean_text, render, sanitize_value, valid_var_name};
+pub use write::{MAX_LINE, WireError, clean_text, render, sanitize_value, valid_var_name};
 
 /// At most this many bytes of an offending line are quoted in an error.
 const EXCERPT_BYTES: usize = 60;
