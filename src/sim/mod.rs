@@ -1,1 +1,75 @@
 //! An Asterisk-side simulator for tests and the demo.
+//!
+//! [`Sim`] runs a child exactly as `ExternalIVR()` does in process mode and
+//! plays Asterisk's part on its pipes, as `externalivr-protocol.md`
+//! describes (and `app_externalivr.c` implements). It shares no code with
+//! popivr's own codec, so it is an independent check of it:
+//!
+//! - the child is started from the `cmd(arg1,arg2,...)[,options]` syntax
+//!   ([`Invocation`]): no shell, no `PATH` search, an environment holding
+//!   only `PATH` and what the test gives; stdin and stdout are piped and
+//!   each stderr line is kept, as Asterisk copies it to its log;
+//! - options `n` (not answered: playback gets `Z` until `T`), `i` (a hangup
+//!   sends `I,<ts>,HANGUP` and the child must end with `H`) and `d`
+//!   (already hung up);
+//! - command lines are read like `fgets` with a 1024-byte buffer (a longer
+//!   line goes on as another command), stripped, lines under 3 bytes
+//!   ignored, dispatched on their first byte;
+//! - `P`, `G` (from a variable table, missing → empty), `V` (split on every
+//!   comma and the first `=`; writes to names ending in `)` are recorded as
+//!   function writes), `L`, `T`, `D`, `O`, `E`/`H` (answered, then the
+//!   pipes are closed);
+//! - a playlist against a table of sound files with play times, in real
+//!   time: `S`, `A`, `I`, `Z` for unknown files or a channel that is not
+//!   up, `silence/10` when empty (no events), `F` when a file ends, `T`/`D`
+//!   on clears, autoclear on keys ([`channel`] has the details);
+//! - keys, hangups and raw lines on cue ([`Cue`]); every line crossing the
+//!   wire is kept in a timed [`Transcript`];
+//! - after the session [`Sim::wait_exit`] checks that the child exits and
+//!   how long it took after its stdin was closed.
+//!
+//! Writes to the child never block the simulator (a writer task with a
+//! queue; at the end queued events get [`WRITE_GRACE`] before stdin is
+//! closed anyway).
+//!
+//! One deliberate difference: Asterisk stops reading stderr the moment it
+//! ends; the simulator first takes the stderr lines already in the pipe,
+//! so a test sees what the child logged up to then.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use std::time::Duration;
+//! use popivr::sim::{Next, Sim, SimConfig};
+//!
+//! let config = SimConfig::new("/usr/bin/popivr(keys)")
+//!     .env("POPIVR_CONFIG", "/tmp/popivr.conf")
+//!     .var("CALLERID(num)", "5551234")
+//!     .sound("moh/a", Duration::from_secs(1));
+//! let mut sim = Sim::start(config)?;
+//! if let Next::Command(c) = sim.next_command(Duration::from_secs(2)).await {
+//!     assert_eq!(c.line, "S,moh/a");
+//! }
+//! sim.key('1');
+//! // ... expect V and E, then:
+//! let exit = sim.wait_exit(Duration::from_secs(2)).await;
+//! # Ok(()) }
+//! ```
+//!
+//! [`script`] reads replay scripts (`protocol-tests/*.eivr`) and
+//! [`replay`] runs them against a program with the simulator.
+
+pub mod channel;
+pub mod glob;
+pub mod invocation;
+pub mod lines;
+pub mod replay;
+pub mod script;
+mod session;
+pub mod transcript;
+
+pub use channel::{Channel, EndReason, SILENCE};
+pub use invocation::{Invocation, InvocationError, Options};
+pub use session::{
+    Cue, ExitError, ExitReport, Next, Received, SessionEnd, Sim, SimConfig, WRITE_GRACE,
+};
+pub use transcript::{Dir, Entry, Transcript};

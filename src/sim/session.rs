@@ -1,0 +1,673 @@
+//! The simulator proper: runs a child the way `ExternalIVR()` does and
+//! plays Asterisk's part on its pipes, driven by cues from a test.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{MissedTickBehavior, timeout, timeout_at};
+
+use super::channel::{Channel, EndReason, FRAME, Output, SILENCE};
+use super::invocation::Invocation;
+use super::lines::{LineSplitter, ast_strip};
+use super::transcript::{Dir, Transcript};
+
+/// How long queued events may take to reach the child at the end before
+/// its stdin is closed anyway (a child that stops reading must not hang
+/// the simulator).
+pub const WRITE_GRACE: Duration = Duration::from_millis(500);
+
+/// How long stderr is drained at the end for lines already written.
+const STDERR_DRAIN: Duration = Duration::from_millis(100);
+
+/// What to run and the channel it runs on.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// The data of `ExternalIVR(<data>)`: `/path/prog(arg1,arg2),opts`.
+    pub data: String,
+    /// Environment of the child. It starts empty apart from `PATH`.
+    pub env: Vec<(String, String)>,
+    /// Channel variables, keyed as `G` asks for them (`CALLERID(num)`).
+    pub vars: BTreeMap<String, String>,
+    /// The sound files that exist, with their play time.
+    /// [`SILENCE`] (10 s) is there from the start.
+    pub sounds: BTreeMap<String, Duration>,
+    /// Working directory of the child (a program path without `/` is
+    /// relative to it, as `execv` takes it).
+    pub cwd: Option<PathBuf>,
+}
+
+impl SimConfig {
+    pub fn new(data: impl Into<String>) -> Self {
+        SimConfig {
+            data: data.into(),
+            env: Vec::new(),
+            vars: BTreeMap::new(),
+            sounds: BTreeMap::from([(SILENCE.to_string(), Duration::from_secs(10))]),
+            cwd: None,
+        }
+    }
+
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn var(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.vars.insert(name.into(), value.into());
+        self
+    }
+
+    pub fn sound(mut self, name: impl Into<String>, length: Duration) -> Self {
+        self.sounds.insert(name.into(), length);
+        self
+    }
+}
+
+/// Something the test makes happen on the channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cue {
+    /// The caller presses a key.
+    Key(char),
+    /// The caller hangs up.
+    Hangup,
+    /// Write this line to the child as it is (a newline is added if missing).
+    Raw(String),
+    /// Stop and close the pipes without any event.
+    Close,
+}
+
+/// A command line Asterisk read (and acted on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Time since the child was started.
+    pub at: Duration,
+    /// The line as Asterisk saw it, stripped.
+    pub line: String,
+}
+
+/// The result of waiting for the next command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    Command(Received),
+    TimedOut,
+    /// The session is over and every command read was handed out.
+    Ended,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub reason: EndReason,
+    /// Time since start at which the child's stdin was closed.
+    pub at: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitReport {
+    pub status: ExitStatus,
+    /// From the close of the child's stdin to its exit as seen here (zero
+    /// when it had exited before).
+    pub after_close: Duration,
+}
+
+#[derive(Debug)]
+pub enum ExitError {
+    /// Asterisk is still talking to the child.
+    SessionOpen,
+    /// The child was still running `waited` after the close; it was killed.
+    NotExited {
+        waited: Duration,
+    },
+    Wait(io::Error),
+}
+
+impl std::fmt::Display for ExitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitError::SessionOpen => f.write_str("the session is still open"),
+            ExitError::NotExited { waited } => {
+                write!(
+                    f,
+                    "the child still ran {waited:?} after its stdin was closed (killed)"
+                )
+            }
+            ExitError::Wait(e) => write!(f, "waiting for the child: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ExitError {}
+
+/// State shared between the session task and the handle.
+#[derive(Debug)]
+struct Shared {
+    channel: Channel,
+    transcript: Transcript,
+    stderr: Vec<String>,
+    end: Option<SessionEnd>,
+    closed_at: Option<Instant>,
+    exit: Option<(Instant, Result<ExitStatus, String>)>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    // A panic while holding the lock leaves plain data behind; keep going.
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running simulated call. Dropping it ends the session and kills the
+/// child if it still runs.
+pub struct Sim {
+    invocation: Invocation,
+    started: Instant,
+    cues: mpsc::UnboundedSender<Cue>,
+    commands: mpsc::UnboundedReceiver<Received>,
+    shared: Arc<Mutex<Shared>>,
+    done: watch::Receiver<bool>,
+    exited: watch::Receiver<bool>,
+    /// Kills the child; dropped with the simulator, which kills it too.
+    kill: Option<oneshot::Sender<()>>,
+}
+
+impl Sim {
+    /// Start the child as `ExternalIVR(<config.data>)` would and begin
+    /// playing Asterisk's part. Call from within a tokio runtime.
+    pub fn start(config: SimConfig) -> io::Result<Sim> {
+        let invocation = Invocation::parse(&config.data)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let program = invocation.program();
+        // execv: no PATH search; a bare name is relative to the directory.
+        let path = if program.contains('/') {
+            program.to_string()
+        } else {
+            format!("./{program}")
+        };
+        let mut command = Command::new(&path);
+        command
+            .arg0(program)
+            .args(invocation.args())
+            .env_clear()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(p) = std::env::var_os("PATH") {
+            command.env("PATH", p);
+        }
+        command.envs(config.env.iter().map(|(k, v)| (k, v)));
+        if let Some(dir) = &config.cwd {
+            command.current_dir(dir);
+        }
+        let mut child = command.spawn()?;
+        let started = Instant::now();
+
+        let channel = Channel::new(&invocation, config.vars, config.sounds);
+        let shared = Arc::new(Mutex::new(Shared {
+            channel,
+            transcript: Transcript::default(),
+            stderr: Vec::new(),
+            end: None,
+            closed_at: None,
+            exit: None,
+        }));
+        lock(&shared).transcript.push(
+            Duration::ZERO,
+            Dir::Note,
+            format!(
+                "started {:?} (pid {:?}), options {:?}",
+                invocation.argv,
+                child.id(),
+                invocation.options
+            ),
+        );
+
+        let (cue_tx, cue_rx) = mpsc::unbounded_channel();
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = watch::channel(false);
+        let pipes = Pipes {
+            stdin: child.stdin.take().expect("stdin is piped"),
+            stdout: child.stdout.take().expect("stdout is piped"),
+            stderr: child.stderr.take().expect("stderr is piped"),
+        };
+        let session = Session {
+            shared: shared.clone(),
+            started,
+            commands: cmd_tx,
+        };
+        tokio::spawn(session.run(pipes, cue_rx, done_tx));
+        let (kill_tx, kill_rx) = oneshot::channel();
+        let (exited_tx, exited_rx) = watch::channel(false);
+        tokio::spawn(watch_child(
+            child,
+            kill_rx,
+            shared.clone(),
+            started,
+            exited_tx,
+        ));
+
+        Ok(Sim {
+            invocation,
+            started,
+            cues: cue_tx,
+            commands: cmd_rx,
+            shared,
+            done: done_rx,
+            exited: exited_rx,
+            kill: Some(kill_tx),
+        })
+    }
+
+    pub fn invocation(&self) -> &Invocation {
+        &self.invocation
+    }
+
+    /// When the child was started; transcript times count from here.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn cue(&self, cue: Cue) {
+        self.note(format!("cue: {cue:?}"));
+        // After the end nobody listens; the cue is moot then.
+        let _ = self.cues.send(cue);
+    }
+
+    /// The caller presses `key` (`0`-`9`, `A`-`D`, `*`, `#`).
+    pub fn key(&self, key: char) {
+        self.cue(Cue::Key(key));
+    }
+
+    /// The caller hangs up.
+    pub fn hangup(&self) {
+        self.cue(Cue::Hangup);
+    }
+
+    /// Write a raw line to the child.
+    pub fn send_raw(&self, line: impl Into<String>) {
+        self.cue(Cue::Raw(line.into()));
+    }
+
+    /// End the session without an event and close the pipes.
+    pub fn close(&self) {
+        self.cue(Cue::Close);
+    }
+
+    /// The next command Asterisk read, waiting at most `within`.
+    pub async fn next_command(&mut self, within: Duration) -> Next {
+        match timeout(within, self.commands.recv()).await {
+            Ok(Some(received)) => Next::Command(received),
+            Ok(None) => Next::Ended,
+            Err(_) => Next::TimedOut,
+        }
+    }
+
+    /// Look at the channel (variables, function writes, playlist, …).
+    pub fn channel<R>(&self, f: impl FnOnce(&Channel) -> R) -> R {
+        f(&lock(&self.shared).channel)
+    }
+
+    pub fn var(&self, name: &str) -> Option<String> {
+        self.channel(|c| c.var(name).map(str::to_string))
+    }
+
+    pub fn function_writes(&self) -> Vec<(String, String)> {
+        self.channel(|c| c.function_writes().to_vec())
+    }
+
+    /// The child's stderr lines so far, stripped as Asterisk logs them.
+    pub fn stderr(&self) -> Vec<String> {
+        lock(&self.shared).stderr.clone()
+    }
+
+    pub fn transcript(&self) -> Transcript {
+        lock(&self.shared).transcript.clone()
+    }
+
+    /// Add a line of the test's own to the transcript.
+    pub fn note(&self, text: impl Into<String>) {
+        let at = self.elapsed();
+        lock(&self.shared).transcript.push(at, Dir::Note, text);
+    }
+
+    /// How the session ended, once it has.
+    pub fn end(&self) -> Option<SessionEnd> {
+        lock(&self.shared).end
+    }
+
+    /// Wait at most `within` for the session to end.
+    pub async fn wait_end(&mut self, within: Duration) -> Option<SessionEnd> {
+        let _ = timeout(within, self.done.wait_for(|done| *done)).await;
+        self.end()
+    }
+
+    /// After the session ended: wait for the child to exit, at most
+    /// `bound` from the close of its stdin. A child still running then is
+    /// killed and reported.
+    pub async fn wait_exit(&mut self, bound: Duration) -> Result<ExitReport, ExitError> {
+        let closed_at = lock(&self.shared).closed_at.ok_or(ExitError::SessionOpen)?;
+        let deadline = tokio::time::Instant::from_std(closed_at + bound);
+        if timeout_at(deadline, self.exited.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            if let Some(kill) = self.kill.take() {
+                let _ = kill.send(());
+            }
+            let _ = timeout(Duration::from_secs(5), self.exited.wait_for(|e| *e)).await;
+            self.note(format!(
+                "child still running {bound:?} after the close: killed"
+            ));
+            return Err(ExitError::NotExited { waited: bound });
+        }
+        match &lock(&self.shared).exit {
+            Some((at, Ok(status))) => Ok(ExitReport {
+                status: *status,
+                after_close: at.saturating_duration_since(closed_at),
+            }),
+            Some((_, Err(e))) => Err(ExitError::Wait(io::Error::other(e.clone()))),
+            None => unreachable!("the exit is recorded before it is announced"),
+        }
+    }
+}
+
+/// Owns the child: records when it exits, kills it on request or when the
+/// simulator is dropped.
+async fn watch_child(
+    mut child: Child,
+    kill: oneshot::Receiver<()>,
+    shared: Arc<Mutex<Shared>>,
+    started: Instant,
+    exited: watch::Sender<bool>,
+) {
+    let status = tokio::select! {
+        status = child.wait() => status,
+        _ = kill => {
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    };
+    let now = Instant::now();
+    {
+        let mut shared = lock(&shared);
+        let text = match &status {
+            Ok(s) => format!("child exited ({s})"),
+            Err(e) => format!("waiting for the child failed: {e}"),
+        };
+        shared.transcript.push(now - started, Dir::Note, text);
+        shared.exit = Some((now, status.map_err(|e| e.to_string())));
+    }
+    let _ = exited.send(true);
+}
+
+struct Pipes {
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    stderr: ChildStderr,
+}
+
+/// The task that plays Asterisk: `eivr_comm()`'s loop.
+struct Session {
+    shared: Arc<Mutex<Shared>>,
+    started: Instant,
+    commands: mpsc::UnboundedSender<Received>,
+}
+
+impl Session {
+    fn at(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn note(&self, text: impl Into<String>) {
+        let at = self.at();
+        lock(&self.shared).transcript.push(at, Dir::Note, text);
+    }
+
+    async fn run(
+        self,
+        pipes: Pipes,
+        mut cues: mpsc::UnboundedReceiver<Cue>,
+        done: watch::Sender<bool>,
+    ) {
+        let (events, event_rx) = mpsc::unbounded_channel::<String>();
+        let mut writer = tokio::spawn(write_events(
+            pipes.stdin,
+            event_rx,
+            self.shared.clone(),
+            self.started,
+        ));
+        let (line_tx, mut lines) = mpsc::unbounded_channel();
+        let stdout_reader = tokio::spawn(read_lines(pipes.stdout, line_tx));
+        let (stop_stderr, stop_rx) = oneshot::channel();
+        let stderr_reader = tokio::spawn(read_stderr(
+            pipes.stderr,
+            stop_rx,
+            self.shared.clone(),
+            self.started,
+        ));
+
+        let mut frames = tokio::time::interval(FRAME);
+        frames.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+        let reason = loop {
+            let outputs = lock(&self.shared).channel.check_hangup();
+            if let Some(reason) = self.emit(outputs, &events) {
+                break reason;
+            }
+            let mut received = None;
+            let outputs = tokio::select! {
+                cue = cues.recv() => self.on_cue(cue, &events),
+                line = lines.recv() => match line {
+                    Some(raw) => self.on_line(&raw, &mut received),
+                    None => vec![
+                        Output::Note("child process went away".into()),
+                        Output::End(EndReason::ChildWentAway),
+                    ],
+                },
+                _ = frames.tick() => lock(&self.shared).channel.tick(Instant::now()),
+            };
+            let end = self.emit(outputs, &events);
+            if let Some(received) = received {
+                // Handed out after Asterisk acted on it, so the test sees
+                // the channel as the command left it.
+                let _ = self.commands.send(received);
+            }
+            if let Some(reason) = end {
+                break reason;
+            }
+        };
+
+        // Asterisk stops reading and closes its ends of all three pipes.
+        drop(events);
+        if timeout(WRITE_GRACE, &mut writer).await.is_err() {
+            writer.abort();
+            let _ = writer.await;
+            self.note("the child does not read its stdin: closing it with events unsent");
+        }
+        stdout_reader.abort();
+        let _ = stdout_reader.await;
+        lines.close();
+        while let Ok(raw) = lines.try_recv() {
+            self.note(format!(
+                "not read by Asterisk (after the end): {}",
+                ast_strip(&raw)
+            ));
+        }
+        let _ = stop_stderr.send(());
+        let _ = stderr_reader.await;
+        let at = self.at();
+        {
+            let mut shared = lock(&self.shared);
+            shared.closed_at = Some(Instant::now());
+            shared.end = Some(SessionEnd { reason, at });
+            shared.transcript.push(
+                at,
+                Dir::Note,
+                format!("session over ({reason:?}): pipes closed"),
+            );
+        }
+        let _ = done.send(true);
+    }
+
+    fn on_cue(&self, cue: Option<Cue>, events: &mpsc::UnboundedSender<String>) -> Vec<Output> {
+        match cue {
+            Some(Cue::Key(key)) => lock(&self.shared).channel.key(key),
+            Some(Cue::Hangup) => {
+                lock(&self.shared).channel.hangup();
+                Vec::new()
+            }
+            Some(Cue::Raw(mut line)) => {
+                if !line.ends_with('\n') {
+                    line.push('\n');
+                }
+                let at = self.at();
+                lock(&self.shared)
+                    .transcript
+                    .push(at, Dir::Event, line.trim_end_matches('\n'));
+                let _ = events.send(line);
+                Vec::new()
+            }
+            Some(Cue::Close) | None => vec![Output::End(EndReason::Closed)],
+        }
+    }
+
+    fn on_line(&self, raw: &[u8], received: &mut Option<Received>) -> Vec<Output> {
+        let line = ast_strip(raw);
+        let at = self.at();
+        let mut shared = lock(&self.shared);
+        if line.len() < 3 {
+            shared.transcript.push(
+                at,
+                Dir::Note,
+                format!("ignored short line {:?}", String::from_utf8_lossy(raw)),
+            );
+            return Vec::new();
+        }
+        shared.transcript.push(at, Dir::Command, line.clone());
+        let outputs = shared.channel.command(&line);
+        *received = Some(Received { at, line });
+        outputs
+    }
+
+    /// Carry out the channel's outputs; the end reason if one says so.
+    fn emit(
+        &self,
+        outputs: Vec<Output>,
+        events: &mpsc::UnboundedSender<String>,
+    ) -> Option<EndReason> {
+        let mut end = None;
+        for output in outputs {
+            let at = self.at();
+            match output {
+                Output::Event(event) => {
+                    let line = event.render(unix_time());
+                    lock(&self.shared)
+                        .transcript
+                        .push(at, Dir::Event, line.trim_end_matches('\n'));
+                    let _ = events.send(line);
+                }
+                Output::Note(text) => lock(&self.shared).transcript.push(at, Dir::Note, text),
+                Output::End(reason) => end = Some(reason),
+            }
+        }
+        end
+    }
+}
+
+fn unix_time() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The stdin writer: never blocks the session; ends (closing stdin) when
+/// the session drops its sender or a write fails.
+async fn write_events(
+    mut stdin: ChildStdin,
+    mut events: mpsc::UnboundedReceiver<String>,
+    shared: Arc<Mutex<Shared>>,
+    started: Instant,
+) {
+    while let Some(line) = events.recv().await {
+        if let Err(e) = stdin.write_all(line.as_bytes()).await {
+            let at = started.elapsed();
+            lock(&shared).transcript.push(
+                at,
+                Dir::Note,
+                format!("write to the child's stdin failed: {e}"),
+            );
+            return;
+        }
+    }
+}
+
+/// Chunks as `fgets` would return them, until end of file.
+async fn read_lines(mut pipe: impl AsyncRead + Unpin, lines: mpsc::UnboundedSender<Vec<u8>>) {
+    let mut split = LineSplitter::default();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = pipe.read(&mut buf).await {
+        split.push(&buf[..n]);
+        while let Some(line) = split.next_line() {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    }
+    if let Some(rest) = split.finish() {
+        let _ = lines.send(rest);
+    }
+}
+
+/// Keep each stderr line like Asterisk's log copy. On `stop`, take what is
+/// already in the pipe, then close it.
+async fn read_stderr(
+    mut pipe: ChildStderr,
+    mut stop: oneshot::Receiver<()>,
+    shared: Arc<Mutex<Shared>>,
+    started: Instant,
+) {
+    let mut split = LineSplitter::default();
+    let mut buf = [0u8; 4096];
+    let mut open = true;
+    let record = |split: &mut LineSplitter, at_eof: bool| {
+        let mut lines = Vec::new();
+        while let Some(line) = split.next_line() {
+            lines.push(line);
+        }
+        if at_eof {
+            lines.extend(split.finish());
+        }
+        let at = started.elapsed();
+        let mut shared = lock(&shared);
+        for raw in lines {
+            let line = ast_strip(&raw);
+            shared.transcript.push(at, Dir::Stderr, line.clone());
+            shared.stderr.push(line);
+        }
+    };
+    while open {
+        tokio::select! {
+            _ = &mut stop => break,
+            r = pipe.read(&mut buf) => match r {
+                Ok(n @ 1..) => split.push(&buf[..n]),
+                _ => open = false,
+            },
+        }
+        record(&mut split, !open);
+    }
+    if open {
+        let deadline = tokio::time::Instant::now() + STDERR_DRAIN;
+        while let Ok(Ok(n @ 1..)) = timeout_at(deadline, pipe.read(&mut buf)).await {
+            split.push(&buf[..n]);
+        }
+        record(&mut split, true);
+    }
+}
