@@ -3,6 +3,7 @@
 pub mod call;
 pub mod config;
 pub mod eivr;
+pub mod forward;
 pub mod sim;
 pub mod template;
 pub mod xmpp;
