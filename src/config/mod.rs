@@ -1,10 +1,12 @@
 //! Configuration: Asterisk-style INI (`popivr.conf`, optionally accounts
 //! from `xmpp.conf`), parsed once into plain structs and validated up front.
 
-// mod ini;
+mod ini;
 // mod load;
 
-// pub use ini::{parse_ini, IniError, Section, Entry};
+pub use ini::{
+    Entry, Ini, IniError, IniErrorKind, Location, Section, parse_ini, parse_ini_str,
+};
 // pub use load::{load_file, load_str, ConfigError};
 
 use std::collections::BTreeMap;
