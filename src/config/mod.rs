@@ -2,12 +2,10 @@
 //! from `xmpp.conf`), parsed once into plain structs and validated up front.
 
 mod ini;
-// mod load;
+mod load;
 
-pub use ini::{
-    Entry, Ini, IniError, IniErrorKind, Location, Section, parse_ini, parse_ini_str,
-};
-// pub use load::{load_file, load_str, ConfigError};
+pub use ini::{Entry, Ini, IniError, IniErrorKind, Location, Section, parse_ini, parse_ini_str};
+pub use load::{ConfigError, Problem, ProblemKind, load_file, load_str, normalize_jid};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,6 +18,45 @@ pub const DEFAULT_PATH: &str = "/etc/asterisk/popivr.conf";
 pub struct Config {
     pub accounts: BTreeMap<String, Account>,
     pub profiles: BTreeMap<String, Profile>,
+    /// The `[general]` section.
+    pub general: General,
+    /// `type = agent` sections, by normalised bare JID.
+    pub agents: BTreeMap<String, Agent>,
+    /// Things worth telling the admin that do not stop popivr
+    /// (`file:line: text`): ignored keys, a secret others can read, …
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// The account a profile logs in with (`None` for a keys-only profile).
+    pub fn account_for(&self, profile: &Profile) -> Option<&Account> {
+        self.accounts.get(&profile.account)
+    }
+
+    /// The custom template values (`$name$`) of an agent, by bare JID.
+    pub fn agent_values(&self, jid: &str) -> Option<&BTreeMap<String, String>> {
+        let jid = normalize_jid(jid).ok()?;
+        self.agents.get(&jid).map(|a| &a.values)
+    }
+}
+
+/// `[general]`.
+#[derive(Debug, Clone, Default)]
+pub struct General {
+    /// `xmpp_conf`: also read accounts from this `xmpp.conf`.
+    pub xmpp_conf: Option<PathBuf>,
+}
+
+/// `type = agent`: values for one agent's `$name$` placeholders.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    /// The section name.
+    pub name: String,
+    /// `jid` (default: the section name), a normalised bare JID.
+    pub jid: String,
+    /// `value = name=text`, repeatable.
+    pub values: BTreeMap<String, String>,
+    pub origin: String,
 }
 
 /// An XMPP account; keys as in Asterisk's `xmpp.conf` client sections.
@@ -95,7 +132,8 @@ pub struct ReplyRule {
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub name: String,
-    /// Name of an entry in [`Config::accounts`].
+    /// Name of an entry in [`Config::accounts`]; empty for a keys-only
+    /// profile (no targets) that names none.
     pub account: String,
     /// Bare JIDs that get the pop and may answer it.
     pub targets: Vec<String>,

@@ -1,0 +1,1563 @@
+//! From parsed sections to a validated [`Config`].
+//!
+//! Everything is checked up front and every problem is collected, each with
+//! the file and line it comes from, so one run of `popivr check` shows the
+//! admin all of them. Secrets never appear in a message.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::ini::{
+    Entry, Ini, IniError, IniErrorKind, Location, Section, edit_distance, parse_ini, parse_ini_str,
+};
+use super::{Account, Action, ActionKind, Agent, Config, General, Profile, ReplyRule};
+use crate::forward;
+use crate::template::{self, Placeholder};
+
+/// Channel variables read when a profile names none.
+pub const DEFAULT_VARIABLES: [&str; 5] = [
+    "CALLERID(num)",
+    "CALLERID(name)",
+    "EXTEN",
+    "DNID",
+    "UNIQUEID",
+];
+/// Hold audio when a profile names none.
+pub const DEFAULT_HOLD: &str = "silence/1";
+pub const DEFAULT_CONFIRM: &str = "Call from $caller$: $outcome$";
+const DEFAULT_TEMPLATE_HEAD: &str = "Call from $caller_name$ <$caller$> to $number$.";
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_DEFAULT_LABEL: &str = "timeout";
+const DEFAULT_PORT: u16 = 5222;
+const DEFAULT_ACCOUNT_TIMEOUT: Duration = Duration::from_secs(5);
+/// No timeout may be longer than a day.
+const MAX_SECONDS: f64 = 86_400.0;
+const MAX_LABEL: usize = 32;
+const MAX_WORD: usize = 32;
+const MAX_SOUND: usize = 255;
+const MAX_VAR_NAME: usize = 128;
+const MAX_HEADER: usize = 64;
+const MAX_VALUE_NAME: usize = 32;
+const MAX_JID_PART: usize = 1023;
+
+const GENERAL_KEYS: &[&str] = &["xmpp_conf"];
+const CLIENT_KEYS: &[&str] = &[
+    "type",
+    "serverhost",
+    "username",
+    "secret",
+    "port",
+    "usetls",
+    "usesasl",
+    "allow_plaintext",
+    "ca_file",
+    "timeout",
+    "statusmessage",
+    "forceoldssl",
+    "refresh_token",
+    "oauth_clientid",
+    "oauth_secret",
+];
+/// `xmpp.conf` client keys that mean nothing to popivr.
+const CLIENT_IGNORED: &[&str] = &[
+    "buddy",
+    "debug",
+    "keepalive",
+    "autoprune",
+    "autoregister",
+    "auth_policy",
+    "sendtodialplan",
+    "context",
+    "priority",
+    "distribute_events",
+    "status",
+    "pubsub_node",
+];
+const PROFILE_KEYS: &[&str] = &[
+    "type",
+    "account",
+    "targets",
+    "hold",
+    "variables",
+    "sip_headers",
+    "template",
+    "confirm",
+    "help",
+    "reply",
+    "key",
+    "timeout",
+    "default",
+    "forward_allow",
+];
+const AGENT_KEYS: &[&str] = &["type", "jid", "value"];
+/// Keys that may be given several times; all of them count.
+const REPEATABLE: &[&str] = &["reply", "key", "value"];
+
+/// What is wrong, without where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProblemKind {
+    #[error(transparent)]
+    Ini(#[from] IniErrorKind),
+    #[error("[{section}]: unknown key `{key}`{hint}")]
+    UnknownKey {
+        section: String,
+        key: String,
+        hint: String,
+    },
+    #[error("[{section}]: `{key}` is required{why}")]
+    Missing {
+        section: String,
+        key: String,
+        why: String,
+    },
+    #[error("[{section}] {key}: {reason}")]
+    Invalid {
+        section: String,
+        key: String,
+        reason: String,
+    },
+    #[error("[{section}]: {reason}")]
+    Section { section: String, reason: String },
+}
+
+/// One problem and where it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{at}: {kind}")]
+pub struct Problem {
+    pub at: Location,
+    pub kind: ProblemKind,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.problems.as_slice() {
+            [one] => write!(f, "{one}"),
+            all => {
+                write!(f, "{} problems in the configuration:", all.len())?;
+                for p in all {
+                    write!(f, "\n  {p}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl From<Vec<IniError>> for ConfigError {
+    fn from(errors: Vec<IniError>) -> Self {
+        let problems = errors
+            .into_iter()
+            .map(|e| Problem {
+                at: e.at,
+                kind: ProblemKind::Ini(e.kind),
+            })
+            .collect();
+        ConfigError { problems }
+    }
+}
+
+/// Why a JID is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JidError {
+    #[error("not a JID: expected local@domain")]
+    NoAt,
+    #[error("the part before `@` is empty")]
+    EmptyLocal,
+    #[error("the part before `@` may not hold {0:?}")]
+    BadLocal(char),
+    #[error("the domain is not a valid host name")]
+    BadDomain,
+    #[error("a resource (`/…`) is not allowed here: give the bare JID")]
+    Resource,
+    #[error("the resource after `/` is empty or holds a control character")]
+    BadResource,
+    #[error("a JID part is longer than {MAX_JID_PART} bytes")]
+    TooLong,
+}
+
+struct Jid<'a> {
+    local: &'a str,
+    domain: &'a str,
+    resource: Option<&'a str>,
+}
+
+fn parse_jid(s: &str) -> Result<Jid<'_>, JidError> {
+    let s = s.trim();
+    let (bare, resource) = match s.split_once('/') {
+        Some((b, r)) => (b, Some(r)),
+        None => (s, None),
+    };
+    let (local, domain) = bare.split_once('@').ok_or(JidError::NoAt)?;
+    if local.is_empty() {
+        return Err(JidError::EmptyLocal);
+    }
+    if [local, domain, resource.unwrap_or("")]
+        .iter()
+        .any(|p| p.len() > MAX_JID_PART)
+    {
+        return Err(JidError::TooLong);
+    }
+    if let Some(c) = local
+        .chars()
+        .find(|&c| c.is_whitespace() || c.is_control() || "\"&'/:<>@".contains(c))
+    {
+        return Err(JidError::BadLocal(c));
+    }
+    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    if !domain_ok(domain) {
+        return Err(JidError::BadDomain);
+    }
+    if resource.is_some_and(|r| r.is_empty() || r.chars().any(char::is_control)) {
+        return Err(JidError::BadResource);
+    }
+    Ok(Jid {
+        local,
+        domain,
+        resource,
+    })
+}
+
+fn domain_ok(domain: &str) -> bool {
+    if let Some(ip) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        return ip.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !domain.is_empty()
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.chars().count() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+        })
+}
+
+/// The normalised form of a bare JID (`Alice@Example.ORG` →
+/// `alice@example.org`). A resource, or anything that is not a JID, is
+/// refused.
+pub fn normalize_jid(jid: &str) -> Result<String, JidError> {
+    let j = parse_jid(jid)?;
+    if j.resource.is_some() {
+        return Err(JidError::Resource);
+    }
+    Ok(format!(
+        "{}@{}",
+        j.local.to_lowercase(),
+        j.domain.to_lowercase()
+    ))
+}
+
+/// Reads and checks a configuration file (with its includes and, if it
+/// says so, an `xmpp.conf`).
+pub fn load_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+    let path = path.as_ref();
+    let ini = parse_ini(path)?;
+    build(ini)
+}
+
+/// Checks configuration text. `origin` names it in messages, and relative
+/// paths (`#include`, `xmpp_conf`, `ca_file`) start from its directory.
+pub fn load_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let ini = parse_ini_str(text, origin)?;
+    build(ini)
+}
+
+#[derive(Default)]
+struct Sink {
+    problems: Vec<Problem>,
+    warnings: Vec<String>,
+}
+
+impl Sink {
+    fn problem(&mut self, at: &Location, kind: ProblemKind) {
+        self.problems.push(Problem {
+            at: at.clone(),
+            kind,
+        });
+    }
+
+    fn invalid(&mut self, s: &Section, e: &Entry, reason: impl fmt::Display) {
+        self.problem(
+            &e.at,
+            ProblemKind::Invalid {
+                section: s.name.clone(),
+                key: e.key.clone(),
+                reason: reason.to_string(),
+            },
+        );
+    }
+
+    fn missing(&mut self, s: &Section, key: &str, why: &str) {
+        self.problem(
+            &s.at,
+            ProblemKind::Missing {
+                section: s.name.clone(),
+                key: key.to_string(),
+                why: why.to_string(),
+            },
+        );
+    }
+
+    fn section(&mut self, s: &Section, reason: impl fmt::Display) {
+        self.problem(
+            &s.at,
+            ProblemKind::Section {
+                section: s.name.clone(),
+                reason: reason.to_string(),
+            },
+        );
+    }
+
+    fn warn(&mut self, at: &Location, text: impl fmt::Display) {
+        self.warnings.push(format!("{at}: {text}"));
+    }
+
+    fn absorb(&mut self, other: Sink) {
+        self.problems.extend(other.problems);
+        self.warnings.extend(other.warnings);
+    }
+}
+
+/// The directory relative paths in a file start from.
+fn dir_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn resolve(base_file: &str, value: &str) -> PathBuf {
+    let p = Path::new(value);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir_of(Path::new(base_file)).join(p)
+    }
+}
+
+/// An account from xmpp.conf, parsed on its own: its problems only count if
+/// a profile uses it.
+struct Imported {
+    /// The account and where its secret is.
+    account: Option<(Account, Location)>,
+    sink: Sink,
+    at: Location,
+}
+
+/// The client sections of an xmpp.conf. Trouble reading the file itself
+/// is reported at the `xmpp_conf` line.
+fn import_xmpp(
+    path: &Path,
+    entry: Option<&Entry>,
+    files: &mut Vec<PathBuf>,
+    sink: &mut Sink,
+) -> BTreeMap<String, Imported> {
+    let mut imported = BTreeMap::new();
+    let ini = match parse_ini(path) {
+        Ok(ini) => ini,
+        Err(errors) => {
+            for mut p in ConfigError::from(errors).problems {
+                if let Some(e) = entry.filter(|_| p.at.line == 0) {
+                    p.at = e.at.clone();
+                }
+                sink.problems.push(p);
+            }
+            return imported;
+        }
+    };
+    files.extend(ini.files.iter().cloned());
+    for s in ini
+        .sections
+        .iter()
+        .filter(|s| !s.template && !is_general(s))
+    {
+        let is_client = s
+            .get("type")
+            .is_some_and(|t| t.value.eq_ignore_ascii_case("client"));
+        if is_client {
+            let mut own = Sink::default();
+            let account = account(s, &mut own, false);
+            let at = s.at.clone();
+            imported.insert(
+                s.name.clone(),
+                Imported {
+                    account,
+                    sink: own,
+                    at,
+                },
+            );
+        }
+    }
+    imported
+}
+
+fn build(ini: Ini) -> Result<Config, ConfigError> {
+    let mut sink = Sink::default();
+    let mut config = Config::default();
+    let mut files: Vec<PathBuf> = ini.files.clone();
+    // Where each account's secret is written, to check who can read it.
+    let mut secrets: BTreeMap<String, Location> = BTreeMap::new();
+    let sections: Vec<&Section> = ini.sections.iter().filter(|s| !s.template).collect();
+
+    let mut xmpp_entry = None;
+    for s in sections.iter().filter(|s| is_general(s)) {
+        config.general = general(s, &mut sink);
+        xmpp_entry = s.get("xmpp_conf");
+    }
+    let imported = match &config.general.xmpp_conf {
+        Some(path) => import_xmpp(path, xmpp_entry, &mut files, &mut sink),
+        None => BTreeMap::new(),
+    };
+
+    let mut profile_sections = Vec::new();
+    let mut agent_sections = Vec::new();
+    let mut own_accounts = BTreeSet::new();
+    for s in sections.iter().copied().filter(|s| !is_general(s)) {
+        let Some(t) = s.get("type") else {
+            sink.section(
+                s,
+                "has no `type`: set `type = client`, `type = profile` or `type = agent`",
+            );
+            continue;
+        };
+        match t.value.to_ascii_lowercase().as_str() {
+            "client" => {
+                own_accounts.insert(s.name.as_str());
+                if let Some((a, at)) = account(s, &mut sink, true) {
+                    secrets.insert(s.name.clone(), at);
+                    config.accounts.insert(s.name.clone(), a);
+                }
+            }
+            "profile" => profile_sections.push(s),
+            "agent" => agent_sections.push(s),
+            "component" => sink.invalid(s, t, "XMPP components are not supported"),
+            _ => sink.invalid(s, t, "expected `client`, `profile` or `agent`"),
+        }
+    }
+
+    // Imported accounts: popivr.conf wins by name; the problems of one only
+    // count if a profile uses it.
+    let used: BTreeSet<&str> = profile_sections
+        .iter()
+        .filter_map(|s| s.get("account"))
+        .map(|e| e.value.as_str())
+        .collect();
+    for (name, parsed) in imported {
+        if own_accounts.contains(name.as_str()) {
+            continue;
+        }
+        if used.contains(name.as_str()) || parsed.sink.problems.is_empty() {
+            sink.absorb(parsed.sink);
+            if let Some((a, at)) = parsed.account {
+                secrets.insert(name.clone(), at);
+                config.accounts.insert(name, a);
+            }
+        } else {
+            let first = &parsed.sink.problems[0];
+            sink.warn(
+                &parsed.at,
+                format_args!(
+                    "[{name}] is left out: popivr cannot use it ({}: {}), and no profile does",
+                    first.at, first.kind
+                ),
+            );
+        }
+    }
+
+    for s in agent_sections {
+        if let Some(a) = agent(s, &mut sink) {
+            match config.agents.get(&a.jid) {
+                Some(other) => sink.section(
+                    s,
+                    format_args!("agent {} is already defined at {}", a.jid, other.origin),
+                ),
+                None => {
+                    config.agents.insert(a.jid.clone(), a);
+                }
+            }
+        }
+    }
+    let custom: BTreeSet<&str> = config
+        .agents
+        .values()
+        .flat_map(|a| a.values.keys().map(String::as_str))
+        .collect();
+
+    let mut profiles = BTreeMap::new();
+    for s in profile_sections {
+        if let Some(p) = profile(s, &custom, &mut sink) {
+            if !p.account.is_empty() && !config.accounts.contains_key(&p.account) {
+                let e = s.get("account").expect("a named account has an entry");
+                sink.invalid(
+                    s,
+                    e,
+                    format_args!(
+                        "no usable account [{}]: define a `type = client` section, \
+                         or import an xmpp.conf with `xmpp_conf` in [general]",
+                        p.account
+                    ),
+                );
+            }
+            profiles.insert(p.name.clone(), p);
+        }
+    }
+    config.profiles = profiles;
+
+    warn_readable_secrets(&secrets, &files, &mut sink);
+
+    let mut seen = HashSet::new();
+    sink.problems.retain(|p| seen.insert(p.to_string()));
+    let mut seen = HashSet::new();
+    sink.warnings.retain(|w| seen.insert(w.clone()));
+    if sink.problems.is_empty() {
+        config.warnings = sink.warnings;
+        Ok(config)
+    } else {
+        Err(ConfigError {
+            problems: sink.problems,
+        })
+    }
+}
+
+fn is_general(s: &Section) -> bool {
+    s.name.eq_ignore_ascii_case("general")
+}
+
+/// Secrets in files that others can read.
+fn warn_readable_secrets(secrets: &BTreeMap<String, Location>, files: &[PathBuf], sink: &mut Sink) {
+    let mut warned = BTreeSet::new();
+    for (name, at) in secrets {
+        let on_disk = files.iter().any(|f| f.display().to_string() == at.file);
+        if !on_disk || !warned.insert(at.file.clone()) {
+            continue;
+        }
+        if let Some(mode) = others_can_read(Path::new(&at.file)) {
+            sink.warn(
+                at,
+                format_args!(
+                    "the secret of [{}] is in a file others can read (mode {mode:o}); \
+                     run `chmod o-r {}`",
+                    name, at.file
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(unix)]
+fn others_can_read(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o004 != 0).then_some(mode)
+}
+
+#[cfg(not(unix))]
+fn others_can_read(_path: &Path) -> Option<u32> {
+    None
+}
+
+/// Unknown keys are errors; `ignored` ones get a warning if `warn_ignored`;
+/// a single-valued key set twice in the section itself gets a warning.
+fn check_keys(s: &Section, known: &[&str], ignored: &[&str], warn_ignored: bool, sink: &mut Sink) {
+    let mut first: BTreeMap<&str, &Location> = BTreeMap::new();
+    for e in &s.entries {
+        let key = e.key.as_str();
+        if ignored.contains(&key) {
+            if warn_ignored {
+                sink.warn(
+                    &e.at,
+                    format_args!(
+                        "[{}] `{key}` is an xmpp.conf key popivr does not use",
+                        s.name
+                    ),
+                );
+            }
+            continue;
+        }
+        if !known.contains(&key) {
+            let hint = closest(key, known)
+                .map(|k| format!(" (did you mean `{k}`?)"))
+                .unwrap_or_default();
+            let kind = ProblemKind::UnknownKey {
+                section: s.name.clone(),
+                key: key.to_string(),
+                hint,
+            };
+            sink.problem(&e.at, kind);
+            continue;
+        }
+        if REPEATABLE.contains(&key) || e.inherited_from.is_some() {
+            continue;
+        }
+        if let Some(prev) = first.insert(key, &e.at) {
+            sink.warn(
+                &e.at,
+                format_args!(
+                    "[{}] `{key}` is also set at {prev}; this later one counts",
+                    s.name
+                ),
+            );
+        }
+    }
+}
+
+/// The known key nearest to a misspelt one, if it is close.
+fn closest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .filter(|&(d, _)| d <= 2)
+        .min()
+        .map(|(_, k)| k)
+}
+
+fn bool_value(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "yes" | "true" | "y" | "t" | "1" | "on" => Some(true),
+        "no" | "false" | "n" | "f" | "0" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// Positive seconds, decimals allowed, at most a day.
+fn seconds(v: &str) -> Result<Duration, String> {
+    let shape_ok = {
+        let (int, frac) = v.split_once('.').unwrap_or((v, "0"));
+        !int.is_empty()
+            && !frac.is_empty()
+            && int.bytes().all(|b| b.is_ascii_digit())
+            && frac.bytes().all(|b| b.is_ascii_digit())
+    };
+    let secs: f64 = match v.parse() {
+        Ok(s) if shape_ok => s,
+        _ => return Err(format!("`{v}` is not a number of seconds")),
+    };
+    if secs <= 0.0 {
+        return Err("must be more than 0 seconds".into());
+    }
+    if secs > MAX_SECONDS {
+        return Err(format!("must be at most {MAX_SECONDS} seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A comma-separated list; an empty value is an empty list.
+fn items(v: &str) -> Result<Vec<&str>, String> {
+    if v.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let items: Vec<&str> = v.split(',').map(str::trim).collect();
+    if items.iter().any(|i| i.is_empty()) {
+        return Err("the list has an empty item".into());
+    }
+    Ok(items)
+}
+
+/// Splits on commas outside parentheses (`PJSIP_HEADER(read,X), EXTEN`).
+fn split_top_level(v: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, c) in v.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(v[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(v[start..].trim());
+    out
+}
+
+fn label_ok(l: &str) -> bool {
+    (1..=MAX_LABEL).contains(&l.len())
+        && l.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn sound_ok(f: &str) -> bool {
+    (1..=MAX_SOUND).contains(&f.len())
+        && f.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_/.-".contains(&b))
+}
+
+fn header_ok(h: &str) -> bool {
+    (1..=MAX_HEADER).contains(&h.len())
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+fn value_name_ok(n: &str) -> bool {
+    (1..=MAX_VALUE_NAME).contains(&n.len())
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// A channel variable or function name as `G` reads it: one name per `G`,
+/// so no comma outside parentheses, and nothing Asterisk would evaluate.
+fn var_name_check(v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > MAX_VAR_NAME {
+        return Err(format!("variable names are 1 to {MAX_VAR_NAME} characters"));
+    }
+    if let Some(c) = v
+        .chars()
+        .find(|&c| c.is_whitespace() || c.is_control() || "=${}".contains(c))
+    {
+        return Err(format!("variable `{v}` may not hold {c:?}"));
+    }
+    let mut depth = 0i32;
+    for c in v.chars() {
+        depth += match c {
+            '(' => 1,
+            ')' => -1,
+            _ => 0,
+        };
+        if depth < 0 {
+            break;
+        }
+    }
+    if depth != 0 {
+        return Err(format!("variable `{v}` has unbalanced parentheses"));
+    }
+    Ok(())
+}
+
+/// Text the admin wrote for a message: any printable text.
+fn text_check(t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        return Err("is empty".into());
+    }
+    if t.chars().any(|c| c.is_control() && c != '\t') {
+        return Err("holds a control character".into());
+    }
+    Ok(())
+}
+
+fn general(s: &Section, sink: &mut Sink) -> General {
+    check_keys(s, GENERAL_KEYS, &[], false, sink);
+    let mut g = General::default();
+    if let Some(e) = s.get("xmpp_conf") {
+        if e.value.is_empty() {
+            sink.invalid(s, e, "is empty");
+        } else {
+            g.xmpp_conf = Some(resolve(&e.at.file, &e.value));
+        }
+    }
+    g
+}
+
+/// The account, and where its secret is written.
+fn account(s: &Section, sink: &mut Sink, warn_ignored: bool) -> Option<(Account, Location)> {
+    let before = sink.problems.len();
+    check_keys(s, CLIENT_KEYS, CLIENT_IGNORED, warn_ignored, sink);
+    let flag = |sink: &mut Sink, key: &str, default: bool| -> bool {
+        match s.get(key) {
+            None => default,
+            Some(e) => bool_value(&e.value).unwrap_or_else(|| {
+                sink.invalid(s, e, format_args!("`{}` is not yes or no", e.value));
+                default
+            }),
+        }
+    };
+
+    let username = match s.get("username") {
+        None => {
+            sink.missing(
+                s,
+                "username",
+                " (the account's JID, like pbx@example.org/popivr)",
+            );
+            String::new()
+        }
+        Some(e) => match parse_jid(&e.value) {
+            Ok(_) => e.value.clone(),
+            Err(err) => {
+                sink.invalid(s, e, err);
+                String::new()
+            }
+        },
+    };
+    let (secret, secret_at) = match s.get("secret") {
+        Some(e) if !e.value.is_empty() => (e.value.clone(), Some(e.at.clone())),
+        Some(e) => {
+            sink.invalid(s, e, "is empty");
+            (String::new(), None)
+        }
+        None => {
+            sink.missing(s, "secret", "");
+            (String::new(), None)
+        }
+    };
+    let serverhost = s.get("serverhost").and_then(|e| {
+        let host = e.value.trim_start_matches('[').trim_end_matches(']');
+        let ok = !host.is_empty()
+            && host.len() <= 253
+            && (host.parse::<std::net::IpAddr>().is_ok() || domain_ok(host));
+        if !ok {
+            sink.invalid(s, e, "is not a host name or IP address");
+        }
+        ok.then(|| e.value.clone())
+    });
+    let port = match s.get("port") {
+        None => DEFAULT_PORT,
+        Some(e) => match e.value.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => {
+                sink.invalid(s, e, "must be a port number, 1 to 65535");
+                DEFAULT_PORT
+            }
+        },
+    };
+    let usetls = flag(sink, "usetls", true);
+    let usesasl = flag(sink, "usesasl", true);
+    let allow_plaintext = flag(sink, "allow_plaintext", false);
+    if let Some(e) = s.get("usesasl").filter(|_| !usesasl) {
+        sink.invalid(
+            s,
+            e,
+            "popivr always logs in with SASL; the old non-SASL login is not supported",
+        );
+    }
+    if let Some(e) = s.get("usetls").filter(|_| !usetls && !allow_plaintext) {
+        sink.invalid(
+            s,
+            e,
+            "`usetls = no` sends the password unencrypted; \
+             add `allow_plaintext = yes` to allow that (trusted networks only)",
+        );
+    }
+    if let Some(e) = s
+        .get("forceoldssl")
+        .filter(|_| flag(sink, "forceoldssl", false))
+    {
+        sink.invalid(
+            s,
+            e,
+            "direct TLS is not supported; use STARTTLS (`usetls = yes`, usually port 5222)",
+        );
+    }
+    for key in ["refresh_token", "oauth_clientid", "oauth_secret"] {
+        if let Some(e) = s.get(key).filter(|e| !e.value.is_empty()) {
+            sink.invalid(s, e, "OAuth login is not supported; use `secret`");
+        }
+    }
+    let ca_file = s.get("ca_file").and_then(|e| {
+        let p = resolve(&e.at.file, &e.value);
+        if e.value.is_empty() || !p.is_file() {
+            sink.invalid(s, e, format_args!("no such file: {}", p.display()));
+            return None;
+        }
+        Some(p)
+    });
+    let timeout = match s.get("timeout") {
+        None => DEFAULT_ACCOUNT_TIMEOUT,
+        Some(e) => seconds(&e.value).unwrap_or_else(|r| {
+            sink.invalid(s, e, r);
+            DEFAULT_ACCOUNT_TIMEOUT
+        }),
+    };
+    let statusmessage = s.get("statusmessage").map(|e| {
+        if let Err(r) = text_check(&e.value) {
+            sink.invalid(s, e, r);
+        }
+        e.value.clone()
+    });
+
+    let account = Account {
+        name: s.name.clone(),
+        username,
+        secret,
+        serverhost,
+        port,
+        usetls,
+        usesasl,
+        allow_plaintext,
+        ca_file,
+        statusmessage,
+        timeout,
+        origin: s.at.to_string(),
+    };
+    match secret_at {
+        Some(at) if sink.problems.len() == before => Some((account, at)),
+        _ => None,
+    }
+}
+
+fn agent(s: &Section, sink: &mut Sink) -> Option<Agent> {
+    let before = sink.problems.len();
+    check_keys(s, AGENT_KEYS, &[], false, sink);
+    let (jid_text, jid_at) = match s.get("jid") {
+        Some(e) => (e.value.as_str(), &e.at),
+        None => (s.name.as_str(), &s.at),
+    };
+    let jid = normalize_jid(jid_text).unwrap_or_else(|err| {
+        let kind = ProblemKind::Invalid {
+            section: s.name.clone(),
+            key: "jid".into(),
+            reason: format!("{err} (without `jid`, the section name is the JID)"),
+        };
+        sink.problem(jid_at, kind);
+        String::new()
+    });
+    let mut values = BTreeMap::new();
+    for e in s.all("value") {
+        let Some((name, text)) = e.value.split_once('=') else {
+            sink.invalid(s, e, "expected `value = NAME=TEXT`");
+            continue;
+        };
+        let (name, text) = (name.trim(), text.trim());
+        if !value_name_ok(name) {
+            sink.invalid(
+                s,
+                e,
+                format_args!("`{name}`: names are 1 to {MAX_VALUE_NAME} of A-Z a-z 0-9 _"),
+            );
+        } else if template::BUILTIN.contains(&name) {
+            sink.invalid(s, e, format_args!("`${name}$` is a built-in placeholder"));
+        } else if let Err(r) = text_check(text) {
+            sink.invalid(s, e, format_args!("`{name}` {r}"));
+        } else {
+            // Later ones (the section's own after inherited) win.
+            values.insert(name.to_string(), text.to_string());
+        }
+    }
+    (sink.problems.len() == before).then(|| Agent {
+        name: s.name.clone(),
+        jid,
+        values,
+        origin: s.at.to_string(),
+    })
+}
+
+/// `continue LABEL [prompt FILE]` | `forward [NUMBER] [prompt FILE]` |
+/// `hangup [prompt FILE]`.
+fn parse_action(text: &str) -> Result<Action, String> {
+    let mut words = text.split_whitespace().peekable();
+    let verb = words
+        .next()
+        .ok_or("no action: expected `continue LABEL`, `forward [NUMBER]` or `hangup`")?;
+    let is_prompt = |w: &&str| w.eq_ignore_ascii_case("prompt");
+    let kind = match verb.to_ascii_lowercase().as_str() {
+        "continue" => {
+            let label = words.next().ok_or("`continue` needs a LABEL")?;
+            if !label_ok(label) {
+                return Err(format!(
+                    "label `{label}`: use 1 to {MAX_LABEL} of A-Z a-z 0-9 _ -"
+                ));
+            }
+            ActionKind::Continue(label.to_string())
+        }
+        "forward" => match words.next_if(|w| !is_prompt(w)) {
+            None => ActionKind::Forward(None),
+            Some(n) if forward::valid_number(n) => ActionKind::Forward(Some(n.to_string())),
+            Some(n) => {
+                return Err(format!(
+                    "`{n}` is not a number (1 to {} of 0-9 * # +)",
+                    forward::MAX_NUMBER_LEN
+                ));
+            }
+        },
+        "hangup" => ActionKind::Hangup,
+        other => {
+            return Err(format!(
+                "unknown action `{other}`: expected `continue`, `forward` or `hangup`"
+            ));
+        }
+    };
+    let prompt = match words.next() {
+        None => None,
+        Some(w) if is_prompt(&w) => {
+            let file = words.next().ok_or("`prompt` needs a sound file name")?;
+            if !sound_ok(file) {
+                return Err(format!(
+                    "sound file `{file}`: use A-Z a-z 0-9 _ / . - (no extension needed)"
+                ));
+            }
+            Some(file.to_string())
+        }
+        Some(w) => return Err(format!("unexpected `{w}` (only `prompt FILE` may follow)")),
+    };
+    if let Some(w) = words.next() {
+        return Err(format!("unexpected `{w}` after the prompt"));
+    }
+    Ok(Action { kind, prompt })
+}
+
+/// `WORDS -> ACTION`, words separated by `,` or `|`.
+fn parse_reply(text: &str) -> Result<ReplyRule, String> {
+    let (words, action) = text
+        .split_once("->")
+        .ok_or("expected `WORD[, WORD…] -> ACTION`")?;
+    let mut out = Vec::new();
+    for w in words.split([',', '|']).map(str::trim) {
+        if w.is_empty() {
+            return Err("a reply word is empty".into());
+        }
+        if w.chars().count() > MAX_WORD {
+            return Err(format!("reply word `{w}` is longer than {MAX_WORD}"));
+        }
+        if let Some(c) = w
+            .chars()
+            .find(|&c| c.is_whitespace() || c.is_control() || "$[]".contains(c))
+        {
+            return Err(format!(
+                "reply word `{w}` may not hold {c:?} (one word each)"
+            ));
+        }
+        out.push(w.to_lowercase());
+    }
+    let action = parse_action(action)?;
+    Ok(ReplyRule { words: out, action })
+}
+
+/// `K -> ACTION` with one DTMF key.
+fn parse_key(text: &str) -> Result<(char, Action), String> {
+    let (key, action) = text.split_once("->").ok_or("expected `KEY -> ACTION`")?;
+    let key = key.trim();
+    let mut chars = key.chars();
+    let k = match (chars.next(), chars.next()) {
+        (Some(c), None) if c.is_ascii_digit() || "ABCDabcd*#".contains(c) => c.to_ascii_uppercase(),
+        _ => {
+            return Err(format!("`{key}` is not one DTMF key (0-9, A-D, * or #)"));
+        }
+    };
+    let action = parse_action(action)?;
+    if action.kind == ActionKind::Forward(None) {
+        return Err("a key press brings no number: use `forward NUMBER`".into());
+    }
+    Ok((k, action))
+}
+
+fn describe(rule: &ReplyRule) -> String {
+    let words: Vec<String> = rule
+        .words
+        .iter()
+        .map(|w| match rule.action.kind {
+            ActionKind::Forward(None) => format!("{w} NUMBER"),
+            _ => w.clone(),
+        })
+        .collect();
+    let what = match &rule.action.kind {
+        ActionKind::Continue(label) => label.clone(),
+        ActionKind::Forward(None) => "forward".into(),
+        ActionKind::Forward(Some(n)) => format!("forward to {n}"),
+        ActionKind::Hangup => "hang up".into(),
+    };
+    format!("{} ({what})", words.join(" or "))
+}
+
+/// The help text when the profile gives none: built from its rules.
+pub fn default_help(rules: &[ReplyRule]) -> String {
+    if rules.is_empty() {
+        return "This call takes no replies.".into();
+    }
+    let parts: Vec<String> = rules.iter().map(describe).collect();
+    format!("Reply {}", parts.join(", "))
+}
+
+fn profile(s: &Section, custom: &BTreeSet<&str>, sink: &mut Sink) -> Option<Profile> {
+    let before = sink.problems.len();
+    check_keys(s, PROFILE_KEYS, &[], false, sink);
+
+    let mut targets: Vec<String> = Vec::new();
+    if let Some(e) = s.get("targets") {
+        match items(&e.value) {
+            Err(r) => sink.invalid(s, e, r),
+            Ok(list) => {
+                for t in list {
+                    match normalize_jid(t) {
+                        Err(err) => sink.invalid(s, e, format_args!("`{t}`: {err}")),
+                        Ok(j) if targets.contains(&j) => {
+                            sink.warn(
+                                &e.at,
+                                format_args!("[{}] target {j} is listed twice", s.name),
+                            );
+                        }
+                        Ok(j) => targets.push(j),
+                    }
+                }
+            }
+        }
+    }
+
+    let account = s
+        .get("account")
+        .map(|e| e.value.clone())
+        .unwrap_or_default();
+    if account.is_empty() && !targets.is_empty() {
+        sink.missing(s, "account", " (the profile has targets to send pops to)");
+    }
+
+    let mut hold: Vec<String> = Vec::new();
+    match s.get("hold") {
+        None => hold.push(DEFAULT_HOLD.into()),
+        Some(e) => match items(&e.value) {
+            Err(r) => sink.invalid(s, e, r),
+            Ok(list) if list.is_empty() => sink.invalid(s, e, "needs at least one sound file"),
+            Ok(list) => {
+                for f in list {
+                    if !sound_ok(f) {
+                        sink.invalid(
+                            s,
+                            e,
+                            format_args!("sound file `{f}`: use A-Z a-z 0-9 _ / . -"),
+                        );
+                    } else if hold.iter().any(|h| h == f) {
+                        sink.invalid(
+                            s,
+                            e,
+                            format_args!(
+                                "`{f}` is listed twice; the call could not tell them apart"
+                            ),
+                        );
+                    } else {
+                        hold.push(f.to_string());
+                    }
+                }
+            }
+        },
+    }
+
+    let mut variables: Vec<String> = Vec::new();
+    match s.get("variables") {
+        None => variables.extend(DEFAULT_VARIABLES.iter().map(|v| v.to_string())),
+        Some(e) if e.value.trim().is_empty() => {}
+        Some(e) => {
+            for v in split_top_level(&e.value) {
+                match var_name_check(v) {
+                    Err(r) => sink.invalid(s, e, r),
+                    Ok(()) if variables.iter().any(|x| x == v) => {}
+                    Ok(()) => variables.push(v.to_string()),
+                }
+            }
+        }
+    }
+
+    let mut sip_headers: Vec<String> = Vec::new();
+    if let Some(e) = s.get("sip_headers") {
+        match items(&e.value) {
+            Err(r) => sink.invalid(s, e, r),
+            Ok(list) => {
+                for h in list {
+                    if !header_ok(h) {
+                        sink.invalid(s, e, format_args!("header `{h}`: use A-Z a-z 0-9 _ . -"));
+                    } else if !sip_headers.iter().any(|x| x.eq_ignore_ascii_case(h)) {
+                        sip_headers.push(h.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    let mut forward_allow = Vec::new();
+    if let Some(e) = s.get("forward_allow") {
+        match items(&e.value) {
+            Err(r) => sink.invalid(s, e, r),
+            Ok(list) => {
+                for p in list {
+                    match forward::validate_pattern(p) {
+                        Ok(()) => forward_allow.push(p.to_string()),
+                        Err(err) => sink.invalid(s, e, format_args!("`{p}`: {err}")),
+                    }
+                }
+            }
+        }
+    }
+
+    let mut replies: Vec<ReplyRule> = Vec::new();
+    let mut prompts: Vec<(String, Location)> = Vec::new();
+    let mut word_at: BTreeMap<String, Location> = BTreeMap::new();
+    for e in s.all("reply") {
+        let rule = match parse_reply(&e.value) {
+            Ok(r) => r,
+            Err(r) => {
+                sink.invalid(s, e, r);
+                continue;
+            }
+        };
+        let mut ok = true;
+        for w in &rule.words {
+            if let Some(prev) = word_at.insert(w.clone(), e.at.clone()) {
+                sink.invalid(
+                    s,
+                    e,
+                    format_args!("reply word `{w}` is already used at {prev}"),
+                );
+                ok = false;
+            }
+        }
+        if rule.action.kind == ActionKind::Forward(None) && forward_allow.is_empty() {
+            sink.invalid(
+                s,
+                e,
+                "`forward` takes the number from the reply, so `forward_allow` must say \
+                 which numbers are allowed (or give a fixed number: `forward 2000`)",
+            );
+            ok = false;
+        }
+        if let Some(p) = &rule.action.prompt {
+            prompts.push((p.clone(), e.at.clone()));
+        }
+        if ok {
+            replies.push(rule);
+        }
+    }
+
+    let mut keys = BTreeMap::new();
+    let mut key_at: BTreeMap<char, Location> = BTreeMap::new();
+    for e in s.all("key") {
+        match parse_key(&e.value) {
+            Err(r) => sink.invalid(s, e, r),
+            Ok((k, action)) => {
+                if let Some(prev) = key_at.insert(k, e.at.clone()) {
+                    sink.invalid(
+                        s,
+                        e,
+                        format_args!("key `{k}` already has an action at {prev}"),
+                    );
+                    continue;
+                }
+                if let Some(p) = &action.prompt {
+                    prompts.push((p.clone(), e.at.clone()));
+                }
+                keys.insert(k, action);
+            }
+        }
+    }
+
+    let timeout = match s.get("timeout") {
+        None => DEFAULT_TIMEOUT,
+        Some(e) => seconds(&e.value).unwrap_or_else(|r| {
+            sink.invalid(s, e, r);
+            DEFAULT_TIMEOUT
+        }),
+    };
+
+    let default_action = match s.get("default") {
+        None => Action {
+            kind: ActionKind::Continue(DEFAULT_DEFAULT_LABEL.into()),
+            prompt: None,
+        },
+        Some(e) => match parse_action(&e.value) {
+            Ok(a) if a.kind == ActionKind::Forward(None) => {
+                sink.invalid(s, e, "a timeout brings no number: use `forward NUMBER`");
+                a
+            }
+            Ok(a) => {
+                if let Some(p) = &a.prompt {
+                    prompts.push((p.clone(), e.at.clone()));
+                }
+                a
+            }
+            Err(r) => {
+                sink.invalid(s, e, r);
+                Action {
+                    kind: ActionKind::Hangup,
+                    prompt: None,
+                }
+            }
+        },
+    };
+
+    for (p, at) in &prompts {
+        if hold.contains(p) {
+            let kind = ProblemKind::Invalid {
+                section: s.name.clone(),
+                key: "prompt".into(),
+                reason: format!(
+                    "`{p}` is also hold audio; the call could not tell when the prompt ends"
+                ),
+            };
+            sink.problem(at, kind);
+        }
+    }
+
+    let text = |sink: &mut Sink, key: &str| -> Option<(String, Location)> {
+        let e = s.get(key)?;
+        match text_check(&e.value) {
+            Ok(()) => Some((e.value.clone(), e.at.clone())),
+            Err(r) => {
+                sink.invalid(s, e, r);
+                None
+            }
+        }
+    };
+    let help = text(sink, "help").map_or_else(|| default_help(&replies), |(t, _)| t);
+    let (template, template_at) = text(sink, "template")
+        .unwrap_or_else(|| (format!("{DEFAULT_TEMPLATE_HEAD} {help}"), s.at.clone()));
+    let (confirm, confirm_at) =
+        text(sink, "confirm").unwrap_or_else(|| (DEFAULT_CONFIRM.to_string(), s.at.clone()));
+
+    if targets.is_empty() {
+        if keys.is_empty() {
+            sink.warn(
+                &s.at,
+                format_args!(
+                    "[{}] has no targets and no keys: every call waits for the timeout",
+                    s.name
+                ),
+            );
+        }
+        if let Some(e) = s.get("reply") {
+            sink.warn(
+                &e.at,
+                format_args!("[{}] reply rules do nothing without targets", s.name),
+            );
+        }
+    } else {
+        let known = Known {
+            section: &s.name,
+            variables: &variables,
+            sip_headers: &sip_headers,
+            custom,
+        };
+        known.check(&template, &template_at, "template", true, sink);
+        known.check(&confirm, &confirm_at, "confirm", false, sink);
+    }
+
+    (sink.problems.len() == before).then(|| Profile {
+        name: s.name.clone(),
+        account,
+        targets,
+        template,
+        confirm,
+        help,
+        hold,
+        variables,
+        sip_headers,
+        replies,
+        keys,
+        timeout,
+        default_action,
+        forward_allow,
+        origin: s.at.to_string(),
+    })
+}
+
+/// What a profile's templates can draw on, to warn about placeholders that
+/// will always be empty.
+struct Known<'a> {
+    section: &'a str,
+    variables: &'a [String],
+    sip_headers: &'a [String],
+    custom: &'a BTreeSet<&'a str>,
+}
+
+impl Known<'_> {
+    fn check(&self, text: &str, at: &Location, key: &str, is_pop: bool, sink: &mut Sink) {
+        let reads = |v: &str| self.variables.iter().any(|x| x.eq_ignore_ascii_case(v));
+        let mut seen = BTreeSet::new();
+        for p in template::placeholders(text) {
+            if !seen.insert(p.clone()) {
+                continue;
+            }
+            let why = match &p {
+                Placeholder::Word(w) => match w.as_str() {
+                    "caller" if !reads("CALLERID(num)") => "`variables` lacks CALLERID(num)",
+                    "caller_name" if !reads("CALLERID(name)") => "`variables` lacks CALLERID(name)",
+                    "number" if !reads("EXTEN") => "`variables` lacks EXTEN",
+                    "called" if !reads("DNID") && !reads("EXTEN") => {
+                        "`variables` lacks DNID and EXTEN"
+                    }
+                    "outcome" | "agent" if is_pop => "it only has a value in `confirm`",
+                    w if !p.is_builtin() && !self.custom.contains(w) => {
+                        "it is neither built in nor a `value` of any agent"
+                    }
+                    _ => continue,
+                },
+                Placeholder::Sip(h) => {
+                    if self.sip_headers.iter().any(|x| x.eq_ignore_ascii_case(h)) {
+                        continue;
+                    }
+                    "`sip_headers` does not list it"
+                }
+                // May come from a program argument: cannot be known here.
+                Placeholder::Var(_) => continue,
+            };
+            sink.warn(
+                at,
+                format_args!("[{}] {key}: {p} is always empty: {why}", self.section),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jids() {
+        assert_eq!(
+            normalize_jid(" Alice@Example.ORG ").unwrap(),
+            "alice@example.org"
+        );
+        assert_eq!(
+            normalize_jid("ÄNNE@exämple.org.").unwrap(),
+            "änne@exämple.org"
+        );
+        assert_eq!(normalize_jid("a@[::1]").unwrap(), "a@[::1]");
+        assert_eq!(normalize_jid("a@b/c"), Err(JidError::Resource));
+        assert_eq!(normalize_jid("example.org"), Err(JidError::NoAt));
+        assert_eq!(normalize_jid("@example.org"), Err(JidError::EmptyLocal));
+        assert_eq!(
+            normalize_jid("a b@example.org"),
+            Err(JidError::BadLocal(' '))
+        );
+        assert_eq!(normalize_jid("a@b@c"), Err(JidError::BadDomain));
+        assert_eq!(normalize_jid("a@-x.org"), Err(JidError::BadDomain));
+        assert_eq!(normalize_jid("a@x..org"), Err(JidError::BadDomain));
+        assert_eq!(normalize_jid("a@"), Err(JidError::BadDomain));
+        assert!(parse_jid("pbx@example.org/popivr").is_ok());
+        assert_eq!(
+            parse_jid("pbx@example.org/").err(),
+            Some(JidError::BadResource)
+        );
+    }
+
+    #[test]
+    fn actions() {
+        let a = parse_action("continue desk").unwrap();
+        assert_eq!(a.kind, ActionKind::Continue("desk".into()));
+        assert_eq!(a.prompt, None);
+        let a = parse_action("Continue vm Prompt custom/vm-intro").unwrap();
+        assert_eq!(a.kind, ActionKind::Continue("vm".into()));
+        assert_eq!(a.prompt.as_deref(), Some("custom/vm-intro"));
+        assert_eq!(
+            parse_action("forward").unwrap().kind,
+            ActionKind::Forward(None)
+        );
+        let a = parse_action("forward +492001 prompt x").unwrap();
+        assert_eq!(a.kind, ActionKind::Forward(Some("+492001".into())));
+        assert_eq!(a.prompt.as_deref(), Some("x"));
+        let a = parse_action("forward prompt x").unwrap();
+        assert_eq!(a.kind, ActionKind::Forward(None));
+        assert_eq!(parse_action("hangup").unwrap().kind, ActionKind::Hangup);
+        for bad in [
+            "",
+            "continue",
+            "continue a,b",
+            "continue has.dot",
+            &format!("continue {}", "a".repeat(MAX_LABEL + 1)),
+            "forward 20a1",
+            "hangup now",
+            "hangup prompt",
+            "hangup prompt a,b",
+            "hangup prompt a b",
+            "jump x",
+        ] {
+            assert!(parse_action(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reply_and_key_rules() {
+        let r = parse_reply("1, Desk | D -> continue desk").unwrap();
+        assert_eq!(r.words, ["1", "desk", "d"]);
+        assert!(parse_reply("1 continue desk").is_err());
+        assert!(parse_reply("a b -> hangup").is_err());
+        assert!(parse_reply("1,,2 -> hangup").is_err());
+        assert!(parse_reply("$x -> hangup").is_err());
+        assert_eq!(parse_key("0 -> continue op").unwrap().0, '0');
+        assert_eq!(parse_key("d -> hangup").unwrap().0, 'D');
+        assert_eq!(parse_key("# -> hangup").unwrap().0, '#');
+        assert!(parse_key("10 -> hangup").is_err());
+        assert!(parse_key("E -> hangup").is_err());
+        assert!(parse_key("1 -> forward").is_err());
+        assert!(parse_key("1 -> forward 2000").is_ok());
+    }
+
+    #[test]
+    fn seconds_values() {
+        assert_eq!(seconds("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(seconds("2.5"), Ok(Duration::from_millis(2500)));
+        for bad in [
+            "0", "0.0", "-1", "1e3", "inf", "NaN", ".5", "5.", "", "86401", " 5",
+        ] {
+            assert!(seconds(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn help_is_built_from_the_rules() {
+        let rules: Vec<ReplyRule> = [
+            "1, desk -> continue desk",
+            "fwd -> forward",
+            "boss -> forward 2000",
+            "h -> hangup",
+        ]
+        .iter()
+        .map(|r| parse_reply(r).unwrap())
+        .collect();
+        assert_eq!(
+            default_help(&rules),
+            "Reply 1 or desk (desk), fwd NUMBER (forward), boss (forward to 2000), h (hang up)"
+        );
+        assert_eq!(default_help(&[]), "This call takes no replies.");
+    }
+
+    #[test]
+    fn variable_names() {
+        assert_eq!(
+            split_top_level("CALLERID(num), PJSIP_HEADER(read,X-A),EXTEN"),
+            ["CALLERID(num)", "PJSIP_HEADER(read,X-A)", "EXTEN"]
+        );
+        assert!(var_name_check("PJSIP_HEADER(read,X-A)").is_ok());
+        for bad in ["", "A B", "A=B", "${X}", "F(x", "F)x(", "A\u{1}"] {
+            assert!(var_name_check(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_sample_shows_every_key() {
+        let sample = include_str!("../../dialplan/popivr.conf.sample");
+        // `key = …`, active or commented out.
+        let shown = |key: &str| {
+            sample.lines().any(|l| {
+                let l = l.trim_start().trim_start_matches(';').trim_start();
+                l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+        };
+        let refused = [
+            "forceoldssl",
+            "refresh_token",
+            "oauth_clientid",
+            "oauth_secret",
+        ];
+        let keys = GENERAL_KEYS
+            .iter()
+            .chain(CLIENT_KEYS)
+            .chain(PROFILE_KEYS)
+            .chain(AGENT_KEYS);
+        for key in keys {
+            if refused.contains(key) {
+                assert!(sample.contains(key), "{key} not mentioned");
+            } else {
+                assert!(shown(key), "no `{key} =` line");
+            }
+        }
+        for key in CLIENT_IGNORED {
+            assert!(sample.contains(key), "{key} not mentioned");
+        }
+    }
+
+    #[test]
+    fn hints_for_misspelt_keys() {
+        assert_eq!(closest("secert", CLIENT_KEYS), Some("secret"));
+        assert_eq!(closest("usrname", CLIENT_KEYS), Some("username"));
+        assert_eq!(closest("zzzzzz", CLIENT_KEYS), None);
+    }
+}
