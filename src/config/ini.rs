@@ -41,9 +41,30 @@ pub const MAX_SECTION_NAME: usize = 80;
 /// Block comments nest at most this deep.
 const MAX_COMMENT_NESTING: usize = 16;
 
-/// Keys whose values are never shown, not even in `Debug` output.
+/// Keys whose values are never shown, not even in `Debug` output: the
+/// password keys, anything that looks like one, and near misspellings of
+/// `secret` (a typo must not put the password in a log).
 pub fn is_secret_key(key: &str) -> bool {
-    matches!(key, "secret" | "oauth_secret" | "refresh_token")
+    ["secret", "pass", "token", "pwd"]
+        .iter()
+        .any(|word| key.contains(word))
+        || edit_distance(key, "secret") <= 2
+}
+
+/// Levenshtein distance, for short keys.
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// A place in a configuration file. Line 0 means the file as a whole.
@@ -760,10 +781,14 @@ mod tests {
 
     #[test]
     fn secret_values_are_hidden_in_debug() {
-        let ini = parse("[a]\nsecret = hunter2\nother = visible\n");
+        let ini = parse(
+            "[a]\nsecret = hunter2\nSecert = hunter2\noauth_secret = hunter2\n\
+             refresh_token = hunter2\npassword = hunter2\nother = visible\n",
+        );
         let dbg = format!("{ini:?}");
-        assert!(!dbg.contains("hunter2"));
+        assert!(!dbg.contains("hunter2"), "{dbg}");
         assert!(dbg.contains("visible"));
+        assert!(!is_secret_key("targets") && !is_secret_key("key") && !is_secret_key("select"));
     }
 
     #[test]
