@@ -418,6 +418,11 @@ impl Reader {
     fn read_file(&mut self, path: &Path, from: Option<&Location>, depth: usize, optional: bool) {
         let display = path.display().to_string();
         let at = from.cloned().unwrap_or_else(|| Location::new(&display, 0));
+        // Name the file in the message unless the location already does.
+        let io = |what: &dyn fmt::Display| match from {
+            Some(_) => IniErrorKind::Io(format!("{display}: {what}")),
+            None => IniErrorKind::Io(what.to_string()),
+        };
         if depth > MAX_INCLUDE_DEPTH {
             return self.error(at, IniErrorKind::IncludeTooDeep);
         }
@@ -427,18 +432,18 @@ impl Reader {
         let canonical = match path.canonicalize() {
             Ok(c) => c,
             Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(e) => return self.error(at, IniErrorKind::Io(format!("{display}: {e}"))),
+            Err(e) => return self.error(at, io(&e)),
         };
         if self.stack.contains(&canonical) {
             return self.error(at, IniErrorKind::IncludeLoop(display));
         }
         let size = match std::fs::metadata(&canonical) {
             Ok(m) if !m.is_file() => {
-                let kind = IniErrorKind::Io(format!("{display}: not a regular file"));
+                let kind = io(&"not a regular file");
                 return self.error(at, kind);
             }
             Ok(m) => m.len(),
-            Err(e) => return self.error(at, IniErrorKind::Io(format!("{display}: {e}"))),
+            Err(e) => return self.error(at, io(&e)),
         };
         if size > MAX_FILE_BYTES {
             let limit = MAX_FILE_BYTES;
@@ -460,7 +465,7 @@ impl Reader {
                 };
                 return self.error(Location::new(&display, 0), kind);
             }
-            Err(e) => return self.error(at, IniErrorKind::Io(format!("{display}: {e}"))),
+            Err(e) => return self.error(at, io(&e)),
         };
         self.total_bytes += bytes.len() as u64;
         self.ini.files.push(path.to_path_buf());

@@ -327,21 +327,10 @@ impl Sink {
     }
 }
 
-/// The directory relative paths in a file start from.
-fn dir_of(file: &Path) -> PathBuf {
-    match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
+/// A path written in `base_file`: relative ones start from its directory.
 fn resolve(base_file: &str, value: &str) -> PathBuf {
-    let p = Path::new(value);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        dir_of(Path::new(base_file)).join(p)
-    }
+    let dir = Path::new(base_file).parent().unwrap_or(Path::new(""));
+    dir.join(value)
 }
 
 /// An account from xmpp.conf, parsed on its own: its problems only count if
@@ -368,6 +357,9 @@ fn import_xmpp(
             for mut p in ConfigError::from(errors).problems {
                 if let Some(e) = entry.filter(|_| p.at.line == 0) {
                     p.at = e.at.clone();
+                    if let ProblemKind::Ini(IniErrorKind::Io(why)) = &mut p.kind {
+                        *why = format!("{}: {why}", path.display());
+                    }
                 }
                 sink.problems.push(p);
             }

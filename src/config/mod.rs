@@ -5,7 +5,9 @@ mod ini;
 mod load;
 
 pub use ini::{Entry, Ini, IniError, IniErrorKind, Location, Section, parse_ini, parse_ini_str};
-pub use load::{ConfigError, Problem, ProblemKind, load_file, load_str, normalize_jid};
+pub use load::{
+    ConfigError, JidError, Problem, ProblemKind, default_help, load_file, load_str, normalize_jid,
+};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
