@@ -101,6 +101,7 @@ async fn commands_are_read_and_answered_as_asterisk_does() {
         r#"
 send("S,f")
 sys.stdout.write("{long}P,x\n"); sys.stdout.flush()
+send("L," + "y" * 1498)
 send("P")
 send("  P,x \r")
 send("G,a,b,CALLERID(name)")
@@ -130,8 +131,10 @@ until("")  # end of file
         got,
         [
             "S,f",
-            long.as_str(),
+            &long,
             "P,x", // the rest of the over-long line: a command of its own
+            &format!("L,{}", "y".repeat(1021)),
+            &"y".repeat(477), // read, dispatched on `y`: no such command
             "P,x",
             "G,a,b,CALLERID(name)",
             "V,a=1,FILE(x)=y,c",
