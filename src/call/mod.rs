@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use crate::eivr::{Command, EventLine};
 
+mod machine;
+pub use machine::{Call, CallData};
+
 /// Kind of an incoming XMPP message (`type` attribute; absent = `Normal`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MsgKind {
@@ -59,8 +62,10 @@ pub enum XmppStatus {
 pub enum TimerId {
     /// The profile's reply timeout.
     Reply,
-    /// Waiting for Asterisk's answer to `P`/`G` at call start.
+    /// Waiting for Asterisk's answers to `G` at call start.
     Setup,
+    /// Guard while a prompt plays before leaving, in case its `F` never comes.
+    Prompt,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,3 +102,6 @@ pub enum Output {
     /// The call is over: the shell closes XMPP and exits.
     Done,
 }
+
+#[cfg(test)]
+mod tests;

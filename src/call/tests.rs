@@ -1,0 +1,465 @@
+//! The call machine, input by input, without any I/O.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::config::{Action, ActionKind, Profile, ReplyRule};
+use crate::eivr::{Command, Event, EventLine};
+
+fn action(kind: ActionKind) -> Action {
+    Action { kind, prompt: None }
+}
+
+fn profile() -> Profile {
+    let mut keys = BTreeMap::new();
+    keys.insert('0', action(ActionKind::Continue("operator".into())));
+    keys.insert('9', action(ActionKind::Hangup));
+    Profile {
+        name: "sales".into(),
+        account: "pbx".into(),
+        targets: vec!["alice@example.org".into(), "bob@example.org".into()],
+        template: "Call from $caller_name$ <$caller$>".into(),
+        confirm: "Call from $caller$: $outcome$".into(),
+        help: "Reply 1 or 2".into(),
+        hold: vec!["moh/a".into(), "moh/b".into()],
+        variables: vec!["CALLERID(num)".into(), "CALLERID(name)".into()],
+        sip_headers: vec![],
+        replies: vec![
+            ReplyRule {
+                words: vec!["1".into(), "desk".into()],
+                action: action(ActionKind::Continue("desk".into())),
+            },
+            ReplyRule {
+                words: vec!["2".into(), "vm".into()],
+                action: Action {
+                    kind: ActionKind::Continue("voicemail".into()),
+                    prompt: Some("vm-intro".into()),
+                },
+            },
+            ReplyRule {
+                words: vec!["fwd".into()],
+                action: action(ActionKind::Forward(None)),
+            },
+            ReplyRule {
+                words: vec!["h".into()],
+                action: action(ActionKind::Hangup),
+            },
+        ],
+        keys,
+        timeout: Duration::from_secs(30),
+        default_action: action(ActionKind::Continue("voicemail".into())),
+        forward_allow: vec!["_2XXX".into()],
+        origin: "test".into(),
+    }
+}
+
+fn ev(event: Event) -> Input {
+    Input::Event(EventLine {
+        ts: 1_700_000_000,
+        event,
+    })
+}
+
+fn msg(from: &str, body: &str) -> Input {
+    Input::Message(IncomingMessage {
+        from_bare: from.into(),
+        from_full: format!("{from}/phone"),
+        kind: MsgKind::Chat,
+        body: Some(body.into()),
+        delayed: false,
+        forwarded: false,
+        thread: None,
+    })
+}
+
+fn commands(out: &[Output]) -> Vec<Command> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Command(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sent(out: &[Output]) -> Vec<(String, String)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send(m) => Some((m.to.clone(), m.body.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn var<'a>(cmds: &'a [Command], name: &str) -> Option<&'a str> {
+    cmds.iter().find_map(|c| match c {
+        Command::SetVars(vars) => vars
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str()),
+        _ => None,
+    })
+}
+
+/// A call that has started, read its variables and popped both agents.
+fn popped_call() -> (Call, Vec<Output>) {
+    let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
+    let mut all = call.start();
+    all.extend(call.handle(ev(Event::Vars("CALLERID(num)=5551234".into()))));
+    all.extend(call.handle(ev(Event::Vars("CALLERID(name)=Doe, John".into()))));
+    all.extend(call.handle(Input::Xmpp(XmppStatus::Online)));
+    (call, all)
+}
+
+#[test]
+fn audio_is_the_very_first_output_and_one_file_stays_queued() {
+    let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
+    let out = call.start();
+    assert_eq!(
+        commands(&out)[..3],
+        [
+            Command::Play("moh/a".into()),
+            Command::Append("moh/b".into()),
+            Command::Append("moh/a".into())
+        ]
+    );
+    assert_eq!(out[0], Output::Command(Command::Play("moh/a".into())));
+    assert!(out.contains(&Output::Connect));
+    assert!(out.contains(&Output::SetTimer(TimerId::Reply, Duration::from_secs(30))));
+}
+
+#[test]
+fn variables_are_read_one_name_per_g() {
+    let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
+    let gets: Vec<_> = commands(&call.start())
+        .into_iter()
+        .filter(|c| matches!(c, Command::GetVars(_)))
+        .collect();
+    assert_eq!(
+        gets,
+        [
+            Command::GetVars(vec!["CALLERID(num)".into()]),
+            Command::GetVars(vec!["CALLERID(name)".into()])
+        ]
+    );
+}
+
+#[test]
+fn a_finished_hold_file_is_queued_again() {
+    let (mut call, _) = popped_call();
+    let out = call.handle(ev(Event::Finished("moh/b".into())));
+    assert_eq!(commands(&out), [Command::Append("moh/b".into())]);
+    // Files that are not hold audio are not looped.
+    assert!(commands(&call.handle(ev(Event::Finished("other".into())))).is_empty());
+}
+
+#[test]
+fn the_pop_waits_for_both_the_login_and_the_caller_data() {
+    let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
+    call.start();
+    assert!(sent(&call.handle(Input::Xmpp(XmppStatus::Online))).is_empty());
+    assert!(sent(&call.handle(ev(Event::Vars("CALLERID(num)=555".into())))).is_empty());
+    let out = call.handle(ev(Event::Vars("CALLERID(name)=Doe, John".into())));
+    assert_eq!(
+        sent(&out),
+        [
+            (
+                "alice@example.org".to_string(),
+                "Call from Doe, John <555>".to_string()
+            ),
+            (
+                "bob@example.org".to_string(),
+                "Call from Doe, John <555>".to_string()
+            )
+        ]
+    );
+}
+
+#[test]
+fn a_missing_g_answer_does_not_hold_the_pop_back_forever() {
+    let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
+    call.start();
+    call.handle(Input::Xmpp(XmppStatus::Online));
+    let out = call.handle(Input::Timer(TimerId::Setup));
+    assert_eq!(sent(&out).len(), 2);
+}
+
+#[test]
+fn a_reply_continues_the_call_and_confirms_to_the_agents() {
+    let (mut call, _) = popped_call();
+    let out = call.handle(msg("alice@example.org", "1"));
+    let cmds = commands(&out);
+    assert_eq!(var(&cmds, "POPIVR_ACTION"), Some("desk"));
+    assert_eq!(var(&cmds, "POPIVR_AGENT"), Some("alice@example.org"));
+    assert_eq!(var(&cmds, "POPIVR_REPLY"), Some("1"));
+    assert!(matches!(cmds.last(), Some(Command::Exit(_))));
+    assert!(out.contains(&Output::CancelTimer(TimerId::Reply)));
+    let confirmations = sent(&out);
+    assert_eq!(confirmations.len(), 2);
+    assert_eq!(confirmations[0].1, "Call from 5551234: sent to desk");
+    // The confirmation reaches XMPP before `E` reaches Asterisk.
+    let send_at = out
+        .iter()
+        .position(|o| matches!(o, Output::Send(_)))
+        .unwrap();
+    let exit_at = out
+        .iter()
+        .position(|o| matches!(o, Output::Command(Command::Exit(_))))
+        .unwrap();
+    assert!(send_at < exit_at);
+}
+
+#[test]
+fn exactly_one_action_whatever_else_arrives() {
+    let (mut call, _) = popped_call();
+    let first = call.handle(msg("alice@example.org", "1"));
+    assert_eq!(
+        commands(&first)
+            .iter()
+            .filter(|c| matches!(c, Command::Exit(_)))
+            .count(),
+        1
+    );
+    for input in [
+        msg("bob@example.org", "2"),
+        ev(Event::Dtmf('0')),
+        Input::Timer(TimerId::Reply),
+    ] {
+        let out = call.handle(input);
+        assert!(commands(&out).is_empty(), "{out:?}");
+    }
+}
+
+#[test]
+fn a_late_reply_is_told_the_call_was_handled() {
+    let (mut call, _) = popped_call();
+    call.handle(msg("alice@example.org", "1"));
+    let out = call.handle(msg("bob@example.org", "2"));
+    assert_eq!(
+        sent(&out),
+        [(
+            "bob@example.org".into(),
+            "This call was already handled: sent to desk.".into()
+        )]
+    );
+}
+
+#[test]
+fn replies_are_matched_case_insensitively_by_first_word() {
+    let (mut call, _) = popped_call();
+    let cmds = commands(&call.handle(msg("bob@example.org", "  DESK please ")));
+    assert_eq!(var(&cmds, "POPIVR_ACTION"), Some("desk"));
+    assert_eq!(var(&cmds, "POPIVR_REPLY"), Some("DESK please"));
+}
+
+#[test]
+fn an_unknown_reply_gets_help_and_the_call_keeps_waiting() {
+    let (mut call, _) = popped_call();
+    let out = call.handle(msg("alice@example.org", "what?"));
+    assert!(commands(&out).is_empty());
+    assert_eq!(
+        sent(&out),
+        [("alice@example.org".into(), "Reply 1 or 2".into())]
+    );
+    let cmds = commands(&call.handle(msg("alice@example.org", "h")));
+    assert!(matches!(cmds.last(), Some(Command::Hangup(_))));
+}
+
+#[test]
+fn forward_takes_an_allowed_number_only() {
+    let (mut call, _) = popped_call();
+    let out = call.handle(msg("alice@example.org", "fwd 9999"));
+    assert!(commands(&out).is_empty());
+    assert_eq!(sent(&out).len(), 1);
+    assert!(commands(&call.handle(msg("alice@example.org", "fwd"))).is_empty());
+    let cmds = commands(&call.handle(msg("alice@example.org", "fwd 2001")));
+    assert_eq!(var(&cmds, "POPIVR_ACTION"), Some("forward"));
+    assert_eq!(var(&cmds, "POPIVR_TARGET"), Some("2001"));
+}
+
+#[test]
+fn only_the_targets_may_steer_the_call() {
+    let (mut call, _) = popped_call();
+    let hostile = [
+        msg("mallory@example.org", "1"),
+        msg("alice@example.org.evil", "1"),
+        msg("alice@example.or", "1"),
+        msg("example.org", "1"),
+    ];
+    for input in hostile {
+        assert!(
+            call.handle(input)
+                .iter()
+                .all(|o| !matches!(o, Output::Command(_) | Output::Send(_)))
+        );
+    }
+}
+
+#[test]
+fn delayed_forwarded_and_non_chat_messages_never_steer() {
+    let (mut call, _) = popped_call();
+    let base = IncomingMessage {
+        from_bare: "alice@example.org".into(),
+        from_full: "alice@example.org/x".into(),
+        kind: MsgKind::Chat,
+        body: Some("1".into()),
+        delayed: false,
+        forwarded: false,
+        thread: None,
+    };
+    let variants = [
+        IncomingMessage {
+            delayed: true,
+            ..base.clone()
+        },
+        IncomingMessage {
+            forwarded: true,
+            ..base.clone()
+        },
+        IncomingMessage {
+            kind: MsgKind::Groupchat,
+            ..base.clone()
+        },
+        IncomingMessage {
+            kind: MsgKind::Headline,
+            ..base.clone()
+        },
+        IncomingMessage {
+            kind: MsgKind::Error,
+            ..base.clone()
+        },
+        IncomingMessage {
+            body: None,
+            ..base.clone()
+        },
+    ];
+    for m in variants {
+        assert!(
+            commands(&call.handle(Input::Message(m.clone()))).is_empty(),
+            "{m:?}"
+        );
+    }
+    assert!(!commands(&call.handle(Input::Message(base))).is_empty());
+}
+
+#[test]
+fn replies_before_the_pop_do_not_steer() {
+    let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
+    call.start();
+    call.handle(Input::Xmpp(XmppStatus::Online));
+    // Logged in, but the caller data (and so the pop) is not out yet.
+    assert!(commands(&call.handle(msg("alice@example.org", "1"))).is_empty());
+}
+
+#[test]
+fn a_key_steers_the_call_without_any_agent() {
+    let (mut call, _) = popped_call();
+    assert!(commands(&call.handle(ev(Event::Dtmf('5')))).is_empty());
+    let out = call.handle(ev(Event::Dtmf('0')));
+    let cmds = commands(&out);
+    assert_eq!(var(&cmds, "POPIVR_ACTION"), Some("operator"));
+    assert_eq!(var(&cmds, "POPIVR_REPLY"), Some("0"));
+    assert_eq!(var(&cmds, "POPIVR_AGENT"), Some(""));
+    // The agents' pop is not left dangling.
+    assert_eq!(sent(&out).len(), 2);
+}
+
+#[test]
+fn the_timeout_takes_the_default_action() {
+    let (mut call, _) = popped_call();
+    let cmds = commands(&call.handle(Input::Timer(TimerId::Reply)));
+    assert_eq!(var(&cmds, "POPIVR_ACTION"), Some("voicemail"));
+    assert_eq!(var(&cmds, "POPIVR_REPLY"), Some("timeout"));
+    assert!(matches!(cmds.last(), Some(Command::Exit(_))));
+}
+
+#[test]
+fn a_prompt_interrupts_the_hold_audio_and_delays_the_exit() {
+    let (mut call, _) = popped_call();
+    let cmds = commands(&call.handle(msg("alice@example.org", "vm")));
+    assert_eq!(cmds[0], Command::Play("vm-intro".into()));
+    assert!(!cmds.iter().any(|c| matches!(c, Command::Exit(_))));
+    // Hold files ending now are not queued again.
+    assert!(commands(&call.handle(ev(Event::Finished("moh/a".into())))).is_empty());
+    let cmds = commands(&call.handle(ev(Event::Finished("vm-intro".into()))));
+    assert!(matches!(cmds.as_slice(), [Command::Exit(_)]));
+}
+
+#[test]
+fn a_missing_prompt_does_not_strand_the_call() {
+    let (mut call, _) = popped_call();
+    call.handle(msg("alice@example.org", "vm"));
+    let cmds = commands(&call.handle(ev(Event::Failed(Some("vm-intro".into())))));
+    assert!(matches!(cmds.as_slice(), [Command::Exit(_)]));
+}
+
+#[test]
+fn a_missing_hold_file_leaves_the_rotation() {
+    let (mut call, _) = popped_call();
+    let out = call.handle(ev(Event::Failed(Some("moh/a".into()))));
+    assert_eq!(commands(&out), [Command::Append("moh/b".into())]);
+    assert!(commands(&call.handle(ev(Event::Finished("moh/a".into())))).is_empty());
+    assert_eq!(
+        commands(&call.handle(ev(Event::Finished("moh/b".into())))),
+        [Command::Append("moh/b".into())]
+    );
+}
+
+#[test]
+fn a_caller_hangup_ends_the_call_and_tells_the_agents() {
+    let (mut call, _) = popped_call();
+    let out = call.handle(ev(Event::Hangup));
+    assert!(out.contains(&Output::Done));
+    assert!(commands(&out).is_empty());
+    let notices = sent(&out);
+    assert_eq!(notices.len(), 2);
+    assert!(notices[0].1.contains("5551234"), "{notices:?}");
+    assert!(call.is_done());
+    assert!(call.handle(msg("alice@example.org", "1")).is_empty());
+}
+
+#[test]
+fn with_option_i_the_hangup_is_answered_with_h() {
+    let (mut call, _) = popped_call();
+    let out = call.handle(ev(Event::Inform("HANGUP".into())));
+    assert!(matches!(commands(&out).as_slice(), [Command::Hangup(_)]));
+    assert!(!call.is_done());
+    assert!(call.handle(ev(Event::Hangup)).contains(&Output::Done));
+}
+
+#[test]
+fn xmpp_failure_leaves_the_call_to_its_timeout() {
+    let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
+    call.start();
+    let out = call.handle(Input::Xmpp(XmppStatus::Failed("connection refused".into())));
+    assert!(commands(&out).is_empty());
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Log(Level::Error, t) if t.contains("connection refused")))
+    );
+    let cmds = commands(&call.handle(Input::Timer(TimerId::Reply)));
+    assert_eq!(var(&cmds, "POPIVR_ACTION"), Some("voicemail"));
+    assert!(sent(&call.handle(Input::Closed)).is_empty());
+}
+
+#[test]
+fn a_keys_only_profile_never_connects() {
+    let mut p = profile();
+    p.targets.clear();
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]);
+    assert!(!call.start().contains(&Output::Connect));
+}
+
+#[test]
+fn caller_data_reaches_the_pop_as_text_only() {
+    let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
+    call.start();
+    call.handle(ev(Event::Vars("CALLERID(num)=$caller_name$".into())));
+    call.handle(ev(Event::Vars("CALLERID(name)=${EXTEN} [sip.X]".into())));
+    let out = call.handle(Input::Xmpp(XmppStatus::Online));
+    assert_eq!(
+        sent(&out)[0].1,
+        "Call from ${EXTEN} [sip.X] <$caller_name$>"
+    );
+}
