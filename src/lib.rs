@@ -4,6 +4,8 @@ pub mod call;
 pub mod config;
 pub mod eivr;
 pub mod forward;
+pub mod logging;
+pub mod run;
 pub mod sim;
 pub mod template;
 pub mod xmpp;

@@ -1,0 +1,212 @@
+//! The per-call shell: Asterisk on stdin/stdout, one XMPP client, one
+//! [`Call`]. It decides nothing; it carries inputs to the call and its
+//! outputs to the world.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::Result;
+use tokio::io::BufReader;
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tokio::time::{Instant, sleep_until};
+
+use crate::call::{Call, Input, Output, TimerId};
+use crate::config::{Account, Profile};
+use crate::eivr::{self, Command, LineReader};
+use crate::logging::Logger;
+
+/// Run one call on stdin/stdout until it is over. Returns once the call is
+/// done; the caller exits the process.
+pub async fn run_call(
+    profile: Arc<Profile>,
+    account: Option<Account>,
+    args: Vec<(String, String)>,
+    log: Logger,
+) -> Result<()> {
+    let id = call_id();
+    let log = log.with_prefix(format!("popivr[{id}]"));
+    let mut call = Call::new(profile, id, args);
+    let (tx, mut rx) = unbounded_channel();
+    let mut out = Stdout;
+
+    // Audio first: the hold commands go out before anything else is started.
+    let first = call.start();
+    let mut shell = Shell {
+        log,
+        timers: HashMap::new(),
+        account,
+        tx: tx.clone(),
+    };
+    if !shell.apply(first, &mut out) {
+        return Ok(());
+    }
+    spawn_stdin_reader(tx.clone(), shell.log.clone());
+    spawn_signal_watch(tx);
+
+    loop {
+        let next_timer = shell
+            .timers
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(id, at)| (*id, *at));
+        let input = tokio::select! {
+            biased;
+            msg = rx.recv() => match msg {
+                Some(ShellInput::Call(input)) => input,
+                Some(ShellInput::Stop(why)) => {
+                    shell.log.info(&format!("stopping: {why}"));
+                    break;
+                }
+                None => Input::Closed,
+            },
+            _ = sleep(next_timer.map(|(_, at)| at)) => {
+                let id = next_timer.expect("a timer fired").0;
+                shell.timers.remove(&id);
+                Input::Timer(id)
+            }
+        };
+        let outputs = call.handle(input);
+        if !shell.apply(outputs, &mut out) || call.is_done() {
+            break;
+        }
+    }
+    shell.close().await;
+    Ok(())
+}
+
+/// What reaches the shell's loop.
+pub(crate) enum ShellInput {
+    Call(Input),
+    Stop(&'static str),
+}
+
+struct Shell {
+    log: Logger,
+    timers: HashMap<TimerId, Instant>,
+    account: Option<Account>,
+    tx: UnboundedSender<ShellInput>,
+}
+
+impl Shell {
+    /// Carry out the outputs in order. `false` once the call is over or
+    /// Asterisk can no longer be written to.
+    fn apply(&mut self, outputs: Vec<Output>, out: &mut Stdout) -> bool {
+        let mut go_on = true;
+        for output in outputs {
+            match output {
+                Output::Command(cmd) => {
+                    if let Err(e) = out.send(&cmd, &self.log) {
+                        self.log
+                            .info(&format!("Asterisk's side is closed ({e}); ending the call"));
+                        return false;
+                    }
+                }
+                Output::Connect => self.connect(),
+                Output::Send(msg) => self
+                    .log
+                    .warn(&format!("IM to {} not sent: no XMPP session", msg.to)),
+                Output::SetTimer(id, after) => {
+                    self.timers.insert(id, Instant::now() + after);
+                }
+                Output::CancelTimer(id) => {
+                    self.timers.remove(&id);
+                }
+                Output::Log(level, text) => self.log.at(level, &text),
+                Output::Done => go_on = false,
+            }
+        }
+        go_on
+    }
+
+    fn connect(&mut self) {
+        // The XMPP session lands separately; until then a profile with
+        // targets behaves as with the server down: audio, keys, timeout.
+        let _ = self.account.take();
+        let cause = "XMPP is not built into this version yet".to_string();
+        let _ = self.tx.send(ShellInput::Call(Input::Xmpp(
+            crate::call::XmppStatus::Failed(cause),
+        )));
+    }
+
+    async fn close(self) {}
+}
+
+async fn sleep(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Commands go straight to fd 1, flushed one by one: Asterisk acts on each
+/// line as it arrives.
+struct Stdout;
+
+impl Stdout {
+    fn send(&mut self, cmd: &Command, log: &Logger) -> std::io::Result<()> {
+        let line = match eivr::render(cmd) {
+            Ok(line) => line,
+            Err(e) => {
+                log.error(&format!("command not sent: {e}"));
+                return Ok(());
+            }
+        };
+        log.debug(&format!("> {}", line.trim_end()));
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(line.as_bytes())?;
+        stdout.flush()
+    }
+}
+
+/// Drain stdin on its own task, whatever the call is doing: Asterisk
+/// writes events from the channel's thread, and a full pipe would freeze
+/// the caller's audio.
+fn spawn_stdin_reader(tx: UnboundedSender<ShellInput>, log: Logger) {
+    tokio::spawn(async move {
+        let mut reader = LineReader::new(BufReader::new(tokio::io::stdin()));
+        loop {
+            match reader.next_event().await {
+                Ok(Some(Ok(event))) => {
+                    log.debug(&format!("< {}", event.to_wire().trim_end()));
+                    if tx.send(ShellInput::Call(Input::Event(event))).is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(Err(e))) => log.warn(&format!("event line skipped: {e}")),
+                Ok(None) | Err(_) => {
+                    let _ = tx.send(ShellInput::Call(Input::Closed));
+                    return;
+                }
+            }
+        }
+    });
+}
+
+fn spawn_signal_watch(tx: UnboundedSender<ShellInput>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut hup), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        let why = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = hup.recv() => "SIGHUP",
+            _ = int.recv() => "SIGINT",
+        };
+        let _ = tx.send(ShellInput::Stop(why));
+    });
+}
+
+/// A short, unique-enough id: names the call in logs and threads its pop.
+fn call_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:05x}", std::process::id(), nanos & 0xfffff)
+}
