@@ -19,6 +19,46 @@ pub const FRAME: Duration = Duration::from_millis(20);
 /// What the generator plays when the playlist is empty.
 pub const SILENCE: &str = "silence/10";
 
+/// What `G` can read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GetReads {
+    /// Whatever the variable table holds, functions (`CALLERID(num)`) and
+    /// built-ins (`EXTEN`) included, as externalivr-protocol.md says.
+    #[default]
+    Table,
+    /// As the source reads it: `ast_eivr_getvariable` uses
+    /// `pbx_builtin_getvar_helper`, which finds only real channel variables
+    /// (set with `Set()` or inherited). Dialplan functions (names ending in
+    /// `)`) and built-ins like `EXTEN` or `UNIQUEID` read as empty.
+    VariablesOnly,
+}
+
+/// Names `pbx_retrieve_variable` computes instead of storing them.
+const BUILTINS: &[&str] = &[
+    "CALLERID",
+    "CALLERIDNUM",
+    "CALLERIDNAME",
+    "CALLINGPRES",
+    "CALLINGANI2",
+    "CALLINGTON",
+    "CALLINGTNS",
+    "DNID",
+    "RDNIS",
+    "EXTEN",
+    "CONTEXT",
+    "PRIORITY",
+    "CHANNEL",
+    "UNIQUEID",
+    "HANGUPCAUSE",
+    "LANGUAGE",
+    "ACCOUNTCODE",
+    "HINT",
+    "HINTNAME",
+    "EPOCH",
+    "SYSTEMNAME",
+    "ENTITYID",
+];
+
 /// An event line to send, without its timestamp (added when it is written).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -159,6 +199,7 @@ pub struct Channel {
     player: Generator,
     sounds: BTreeMap<String, Duration>,
     vars: BTreeMap<String, String>,
+    get_reads: GetReads,
     function_writes: Vec<(String, String)>,
     dtmf_sent: Vec<String>,
     logs: Vec<String>,
@@ -187,11 +228,18 @@ impl Channel {
             player: Generator::new(!options.no_answer),
             sounds,
             vars,
+            get_reads: GetReads::Table,
             function_writes: Vec::new(),
             dtmf_sent: Vec::new(),
             logs: Vec::new(),
             pending_keys: VecDeque::new(),
         }
+    }
+
+    /// Choose what `G` can read (the protocol doc's table by default).
+    pub fn with_get_reads(mut self, get_reads: GetReads) -> Self {
+        self.get_reads = get_reads;
+        self
     }
 
     pub fn is_up(&self) -> bool {
@@ -366,7 +414,13 @@ impl Channel {
     fn get_vars(&self, names: &str) -> String {
         let mut out = String::new();
         for name in names.split(',') {
-            let value = self.vars.get(name).map_or("", String::as_str);
+            let readable = self.get_reads == GetReads::Table
+                || !(name.ends_with(')') || BUILTINS.contains(&name));
+            let value = self
+                .vars
+                .get(name)
+                .filter(|_| readable)
+                .map_or("", String::as_str);
             out.push_str(&format!("{name}={value},"));
         }
         out.pop();
@@ -453,6 +507,17 @@ mod tests {
         assert_eq!(
             c.function_writes(),
             [("FILE(/tmp/x)".to_string(), "y".to_string())]
+        );
+    }
+
+    #[test]
+    fn variables_only_reads_no_functions_nor_builtins() {
+        let mut c = chan("/p").with_get_reads(GetReads::VariablesOnly);
+        c.command("V,MYVAR=x");
+        c.vars.insert("EXTEN".into(), "100".into());
+        assert_eq!(
+            events(&c.command("G,CALLERID(num),EXTEN,MYVAR")),
+            ["G,1700000000,CALLERID(num)=,EXTEN=,MYVAR=x"]
         );
     }
 

@@ -32,6 +32,11 @@
 //! queue; at the end queued events get [`WRITE_GRACE`] before stdin is
 //! closed anyway).
 //!
+//! Where the doc and `app_externalivr.c` differ, the doc wins by default:
+//! `G` reads functions such as `CALLERID(num)` from the variable table,
+//! while the source only finds real channel variables. [`GetReads`] selects
+//! the source's behaviour for tests that want it.
+//!
 //! One deliberate difference: Asterisk stops reading stderr the moment it
 //! ends; the simulator first takes the stderr lines already in the pipe,
 //! so a test sees what the child logged up to then.
@@ -67,7 +72,7 @@ pub mod script;
 mod session;
 pub mod transcript;
 
-pub use channel::{Channel, EndReason, SILENCE};
+pub use channel::{Channel, EndReason, GetReads, SILENCE};
 pub use invocation::{Invocation, InvocationError, Options};
 pub use session::{
     Cue, ExitError, ExitReport, Next, Received, SessionEnd, Sim, SimConfig, WRITE_GRACE,

@@ -13,7 +13,7 @@ use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{MissedTickBehavior, timeout, timeout_at};
 
-use super::channel::{Channel, EndReason, FRAME, Output, SILENCE};
+use super::channel::{Channel, EndReason, FRAME, GetReads, Output, SILENCE};
 use super::invocation::Invocation;
 use super::lines::{LineSplitter, ast_strip};
 use super::transcript::{Dir, Transcript};
@@ -38,6 +38,8 @@ pub struct SimConfig {
     /// The sound files that exist, with their play time.
     /// [`SILENCE`] (10 s) is there from the start.
     pub sounds: BTreeMap<String, Duration>,
+    /// What `G` can read; see [`GetReads`].
+    pub get_reads: GetReads,
     /// Working directory of the child (a program path without `/` is
     /// relative to it, as `execv` takes it).
     pub cwd: Option<PathBuf>,
@@ -50,6 +52,7 @@ impl SimConfig {
             env: Vec::new(),
             vars: BTreeMap::new(),
             sounds: BTreeMap::from([(SILENCE.to_string(), Duration::from_secs(10))]),
+            get_reads: GetReads::default(),
             cwd: None,
         }
     }
@@ -206,7 +209,8 @@ impl Sim {
         let mut child = command.spawn()?;
         let started = Instant::now();
 
-        let channel = Channel::new(&invocation, config.vars, config.sounds);
+        let channel =
+            Channel::new(&invocation, config.vars, config.sounds).with_get_reads(config.get_reads);
         let shared = Arc::new(Mutex::new(Shared {
             channel,
             transcript: Transcript::default(),
