@@ -500,6 +500,10 @@ impl Session {
             let _ = writer.await;
             self.note("the child does not read its stdin: closing it with events unsent");
         }
+        // Exit times count from here: the child can see end of file now.
+        let closed_at = Instant::now();
+        let at = self.at();
+        self.note(format!("session over ({reason:?}): stdin closed"));
         stdout_reader.abort();
         let _ = stdout_reader.await;
         lines.close();
@@ -511,16 +515,10 @@ impl Session {
         }
         let _ = stop_stderr.send(());
         let _ = stderr_reader.await;
-        let at = self.at();
         {
             let mut shared = lock(&self.shared);
-            shared.closed_at = Some(Instant::now());
+            shared.closed_at = Some(closed_at);
             shared.end = Some(SessionEnd { reason, at });
-            shared.transcript.push(
-                at,
-                Dir::Note,
-                format!("session over ({reason:?}): pipes closed"),
-            );
         }
         let _ = done.send(true);
     }
