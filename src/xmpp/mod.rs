@@ -1,1 +1,112 @@
-//! The XMPP side: connect, presence, send, receive.
+//! The XMPP side: log in, receive messages and presence, send IMs, close.
+//!
+//! A shell starts a session with [`spawn`] the moment the call core says
+//! `Output::Connect`; the login runs in its own task beside the call. The
+//! shell then polls [`Session::recv`] in its select loop and feeds the
+//! events to the core ([`XmppEvent::into_input`]), hands `Output::Send` to
+//! [`Session::send`], and on `Output::Done` awaits [`Session::close`].
+//!
+//! One session is one login attempt: a failure (or, later, a broken link)
+//! is reported once as `XmppStatus::Failed(cause)` and the session ends.
+//! There are no background reconnects.
+
+mod error;
+mod login;
+mod session;
+mod stanza;
+mod tls;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+pub use crate::call::XmppStatus;
+use crate::call::{IncomingMessage, Input, OutgoingMessage};
+use crate::config::Account;
+pub use error::{Phase, XmppError};
+pub use login::{Connection, LoginTimings, login};
+pub use stanza::{IncomingPresence, Show};
+
+/// What a session reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XmppEvent {
+    /// `Online` once logged in, or `Failed(cause)` once; after a failure
+    /// nothing more comes.
+    Status(XmppStatus),
+    Message(IncomingMessage),
+    Presence(IncomingPresence),
+}
+
+impl XmppEvent {
+    /// The call core's view of this event (presence is not a call input yet).
+    pub fn into_input(self) -> Option<Input> {
+        match self {
+            XmppEvent::Status(s) => Some(Input::Xmpp(s)),
+            XmppEvent::Message(m) => Some(Input::Message(m)),
+            XmppEvent::Presence(_) => None,
+        }
+    }
+}
+
+/// Events are few per call; the bound only matters if a shell stops
+/// reading, and then the session waits instead of buffering without end.
+const EVENT_QUEUE: usize = 64;
+
+/// A running session. Dropping it ends the session abruptly (no stream
+/// footer); prefer [`Session::close`].
+#[derive(Debug)]
+pub struct Session {
+    cmds: mpsc::UnboundedSender<session::Cmd>,
+    events: mpsc::Receiver<XmppEvent>,
+    task: JoinHandle<()>,
+}
+
+/// Start logging in as `account` in a background task. Must be called
+/// inside a tokio runtime.
+pub fn spawn(account: Account) -> Session {
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
+    let task = tokio::spawn(session::run(account, cmd_rx, event_tx));
+    Session {
+        cmds: cmd_tx,
+        events: event_rx,
+        task,
+    }
+}
+
+impl Session {
+    /// Queue an IM. Never blocks. Sent once online (queued during login);
+    /// silently dropped if the session has ended (the shell has seen the
+    /// `Failed` status by then).
+    pub fn send(&self, msg: OutgoingMessage) {
+        let _ = self.cmds.send(session::Cmd::Send(msg));
+    }
+
+    /// Change our presence: available, with this status text.
+    pub fn set_presence(&self, status: Option<String>) {
+        let _ = self.cmds.send(session::Cmd::Presence(status));
+    }
+
+    /// The next event; `None` once the session has ended. Cancel-safe, so
+    /// it can sit in a `select!`.
+    pub async fn recv(&mut self) -> Option<XmppEvent> {
+        self.events.recv().await
+    }
+
+    /// End the session: abandons a login in progress, or sends the stream
+    /// footer (bounded by a few tens of milliseconds). Returns when the
+    /// task is gone.
+    pub async fn close(self) {
+        let Session {
+            cmds,
+            events,
+            mut task,
+        } = self;
+        let _ = cmds.send(session::Cmd::Close);
+        // The task may be waiting to hand us an event; let it go.
+        drop(events);
+        let bound = session::CLOSE_TIMEOUT * 2;
+        if tokio::time::timeout(bound, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+}
