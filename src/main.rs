@@ -1,7 +1,6 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -91,28 +90,13 @@ fn run(path: &std::path::Path, profile: &str, args: &[String], log: Logger) -> R
         .profiles
         .get(profile)
         .with_context(|| format!("no profile [{profile}] in {}", path.display()))?;
-    let account = match profile.targets.is_empty() {
-        true => None,
-        false => config.accounts.get(&profile.account).cloned(),
-    };
-    let args = args
-        .iter()
-        .filter_map(|a| {
-            a.split_once('=')
-                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
-        })
-        .collect();
+    let setup = popivr::run::CallSetup::new(&config, profile, args);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(popivr::run::run_call(
-        Arc::new(profile.clone()),
-        account,
-        args,
-        log,
-    ))?;
-    // The stdin thread may still sit in a read; the call is over, so go.
+    rt.block_on(popivr::run::run_call(setup, log))?;
+    // The stdin reader may still sit in a blocking read; the call is over.
     std::process::exit(0)
 }
 

@@ -2,7 +2,7 @@
 //! [`Call`]. It decides nothing; it carries inputs to the call and its
 //! outputs to the world.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -12,21 +12,22 @@ use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio::time::{Instant, sleep_until};
 
 use crate::call::{Call, Input, Output, TimerId};
-use crate::config::{Account, Profile};
+use crate::config::{Account, Config, Profile};
 use crate::eivr::{self, Command, LineReader};
 use crate::logging::Logger;
 
 /// Run one call on stdin/stdout until it is over. Returns once the call is
 /// done; the caller exits the process.
-pub async fn run_call(
-    profile: Arc<Profile>,
-    account: Option<Account>,
-    args: Vec<(String, String)>,
-    log: Logger,
-) -> Result<()> {
+pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
     let id = call_id();
     let log = log.with_prefix(format!("popivr[{id}]"));
-    let mut call = Call::new(profile, id, args);
+    let CallSetup {
+        profile,
+        account,
+        agent_values,
+        args,
+    } = setup;
+    let mut call = Call::new(profile, id, args).with_agent_values(agent_values);
     let (tx, mut rx) = unbounded_channel();
     let mut out = Stdout;
 
@@ -73,6 +74,42 @@ pub async fn run_call(
     }
     shell.close().await;
     Ok(())
+}
+
+/// Everything a call needs from the configuration and its arguments.
+pub struct CallSetup {
+    pub profile: Arc<Profile>,
+    /// The profile's account; `None` for a keys-only profile.
+    pub account: Option<Account>,
+    /// The targets' own `$name$` values, by bare JID.
+    pub agent_values: BTreeMap<String, BTreeMap<String, String>>,
+    /// `key=value` program arguments.
+    pub args: Vec<(String, String)>,
+}
+
+impl CallSetup {
+    /// The setup for `profile` of `config`, with the program arguments
+    /// (`key=value`; anything else is ignored).
+    pub fn new(config: &Config, profile: &Profile, args: &[String]) -> Self {
+        let agent_values = profile
+            .targets
+            .iter()
+            .filter_map(|t| config.agent_values(t).map(|v| (t.clone(), v.clone())))
+            .collect();
+        CallSetup {
+            profile: Arc::new(profile.clone()),
+            account: match profile.targets.is_empty() {
+                true => None,
+                false => config.account_for(profile).cloned(),
+            },
+            agent_values,
+            args: args
+                .iter()
+                .filter_map(|a| a.split_once('='))
+                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .collect(),
+        }
+    }
 }
 
 /// What reaches the shell's loop.

@@ -17,6 +17,13 @@ use crate::template;
 const SETUP_WAIT: Duration = Duration::from_secs(2);
 /// How long a prompt may play before we leave anyway (its `F` may be lost).
 const PROMPT_GUARD: Duration = Duration::from_secs(30);
+/// SIP headers are read from channel variables named with this prefix:
+/// `G` splits its names on commas, so `PJSIP_HEADER(read,X)` cannot be
+/// read with it. The dialplan copies the header first:
+/// `Set(POPIVR_SIP_X-Customer-Id=${PJSIP_HEADER(read,X-Customer-Id)})`.
+pub const SIP_HEADER_PREFIX: &str = "POPIVR_SIP_";
+/// Sent to the agents who got the pop when the caller leaves first.
+const MISSED_NOTICE: &str = "Missed call from $caller$ $caller_name$: the caller hung up.";
 /// `POPIVR_REPLY` carries at most this many characters of an agent's text.
 const MAX_REPLY_CHARS: usize = 64;
 
@@ -48,10 +55,7 @@ impl CallData {
             ..template::Values::default()
         };
         for (name, value) in &self.vars {
-            if let Some(header) = name
-                .strip_prefix("PJSIP_HEADER(read,")
-                .and_then(|h| h.strip_suffix(')'))
-            {
+            if let Some(header) = name.strip_prefix(SIP_HEADER_PREFIX) {
                 v.sip.insert(header.to_string(), value.clone());
             }
             v.vars.insert(name.clone(), value.clone());
@@ -106,6 +110,8 @@ pub struct Call {
     popped: Vec<String>,
     /// Set once: the action that was taken, for late replies.
     outcome: Option<String>,
+    /// Per-agent `$name$` values, by bare JID.
+    agent_values: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Call {
@@ -130,7 +136,24 @@ impl Call {
             link,
             popped: Vec::new(),
             outcome: None,
+            agent_values: BTreeMap::new(),
         }
+    }
+
+    /// Give the agents' own `$name$` values (`type = agent` sections).
+    pub fn with_agent_values(mut self, values: BTreeMap<String, BTreeMap<String, String>>) -> Self {
+        self.agent_values = values;
+        self
+    }
+
+    /// The text of `template` as sent to `to`: `$agent$` is the agent who
+    /// answered, the `$name$` values are the recipient's own.
+    fn text(&self, template: &str, outcome: &str, agent: &str, to: &str) -> String {
+        let mut values = self.data.values(outcome, agent);
+        if let Some(custom) = self.agent_values.get(to) {
+            values.custom = custom.clone();
+        }
+        template::render(template, &values)
     }
 
     pub fn data(&self) -> &CallData {
@@ -160,7 +183,7 @@ impl Call {
             .profile
             .sip_headers
             .iter()
-            .map(|h| format!("PJSIP_HEADER(read,{h})"));
+            .map(|h| format!("{SIP_HEADER_PREFIX}{h}"));
         for name in self.profile.variables.iter().cloned().chain(sip) {
             // One name per `G`: a value may hold commas.
             out.push(Output::Command(Command::GetVars(vec![name.clone()])));
@@ -336,9 +359,9 @@ impl Call {
         {
             return;
         }
-        let body = template::render(&self.profile.template, &self.data.values("", ""));
         for target in &self.profile.targets {
-            out.push(self.message(target, body.clone()));
+            let body = self.text(&self.profile.template, "", "", target);
+            out.push(self.message(target, body));
         }
         self.popped = self.profile.targets.clone();
         log(
@@ -500,9 +523,9 @@ impl Call {
                 Source::Agent { .. } => outcome.clone(),
                 _ => format!("{outcome} ({by})"),
             };
-            let body = template::render(&self.profile.confirm, &self.data.values(&text, &agent));
             for to in &self.popped {
-                out.push(self.message(to, body.clone()));
+                let body = self.text(&self.profile.confirm, &text, &agent, to);
+                out.push(self.message(to, body));
             }
         }
         self.outcome = Some(outcome);
@@ -540,12 +563,9 @@ impl Call {
             format!("call ended before any action: {why}"),
         );
         if self.link == Link::Online && !self.popped.is_empty() {
-            let body = template::render(
-                "Missed call from $caller$ $caller_name$: the caller hung up.",
-                &self.data.values("", ""),
-            );
             for to in &self.popped {
-                out.push(self.message(to, body.clone()));
+                let body = self.text(MISSED_NOTICE, "", "", to);
+                out.push(self.message(to, body));
             }
         }
     }

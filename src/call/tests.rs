@@ -463,3 +463,63 @@ fn caller_data_reaches_the_pop_as_text_only() {
         "Call from ${EXTEN} [sip.X] <$caller_name$>"
     );
 }
+
+#[test]
+fn each_agent_sees_their_own_values_and_who_answered() {
+    let mut p = profile();
+    p.template = "Pop for desk $desk$".into();
+    p.confirm = "$outcome$ by $agent$, your desk $desk$".into();
+    let mut values = BTreeMap::new();
+    values.insert(
+        "alice@example.org".to_string(),
+        BTreeMap::from([("desk".to_string(), "2001".to_string())]),
+    );
+    values.insert(
+        "bob@example.org".to_string(),
+        BTreeMap::from([("desk".to_string(), "2002".to_string())]),
+    );
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]).with_agent_values(values);
+    call.start();
+    call.handle(Input::Timer(TimerId::Setup));
+    let pops = sent(&call.handle(Input::Xmpp(XmppStatus::Online)));
+    assert_eq!(pops[0].1, "Pop for desk 2001");
+    assert_eq!(pops[1].1, "Pop for desk 2002");
+    let confirms = sent(&call.handle(msg("bob@example.org", "1")));
+    assert_eq!(
+        confirms[0],
+        (
+            "alice@example.org".into(),
+            "sent to desk by bob@example.org, your desk 2001".into()
+        )
+    );
+    assert_eq!(
+        confirms[1],
+        (
+            "bob@example.org".into(),
+            "sent to desk by bob@example.org, your desk 2002".into()
+        )
+    );
+}
+
+#[test]
+fn sip_headers_come_from_variables_the_dialplan_set() {
+    let mut p = profile();
+    p.sip_headers = vec!["X-Customer-Id".into()];
+    p.variables.clear();
+    p.template = "Customer [sip.X-Customer-Id]".into();
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]);
+    let gets: Vec<_> = commands(&call.start())
+        .into_iter()
+        .filter(|c| matches!(c, Command::GetVars(_)))
+        .collect();
+    // No comma in the name: Asterisk would split it.
+    assert_eq!(
+        gets,
+        [Command::GetVars(vec!["POPIVR_SIP_X-Customer-Id".into()])]
+    );
+    call.handle(ev(Event::Vars(
+        "POPIVR_SIP_X-Customer-Id=C-42, gold".into(),
+    )));
+    let pops = sent(&call.handle(Input::Xmpp(XmppStatus::Online)));
+    assert_eq!(pops[0].1, "Customer C-42, gold");
+}
