@@ -15,6 +15,7 @@ use crate::call::{Call, Input, Output, TimerId};
 use crate::config::{Account, Config, Profile};
 use crate::eivr::{self, Command, LineReader};
 use crate::logging::Logger;
+use crate::xmpp;
 
 /// Run one call on stdin/stdout until it is over. Returns once the call is
 /// done; the caller exits the process.
@@ -37,7 +38,7 @@ pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
         log,
         timers: HashMap::new(),
         account,
-        tx: tx.clone(),
+        xmpp: None,
     };
     if !shell.apply(first, &mut out) {
         return Ok(());
@@ -53,6 +54,10 @@ pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
             .map(|(id, at)| (*id, *at));
         let input = tokio::select! {
             biased;
+            Some(ev) = recv_xmpp(&mut shell.xmpp) => match ev.into_input() {
+                Some(input) => input,
+                None => continue,
+            },
             msg = rx.recv() => match msg {
                 Some(ShellInput::Call(input)) => input,
                 Some(ShellInput::Stop(why)) => {
@@ -122,7 +127,7 @@ struct Shell {
     log: Logger,
     timers: HashMap<TimerId, Instant>,
     account: Option<Account>,
-    tx: UnboundedSender<ShellInput>,
+    xmpp: Option<xmpp::Session>,
 }
 
 impl Shell {
@@ -157,16 +162,32 @@ impl Shell {
     }
 
     fn connect(&mut self) {
-        // The XMPP session lands separately; until then a profile with
-        // targets behaves as with the server down: audio, keys, timeout.
-        let _ = self.account.take();
-        let cause = "XMPP is not built into this version yet".to_string();
-        let _ = self.tx.send(ShellInput::Call(Input::Xmpp(
-            crate::call::XmppStatus::Failed(cause),
-        )));
+        match self.account.take() {
+            Some(account) => self.xmpp = Some(xmpp::spawn(account)),
+            None => self.log.error("the profile has targets but no account"),
+        }
     }
 
-    async fn close(self) {}
+    async fn close(self) {
+        if let Some(session) = self.xmpp {
+            session.close().await;
+        }
+    }
+}
+
+/// The next XMPP event; pends for ever without a session.
+async fn recv_xmpp(session: &mut Option<xmpp::Session>) -> Option<xmpp::XmppEvent> {
+    match session {
+        Some(s) => {
+            let ev = s.recv().await;
+            if ev.is_none() {
+                // The session task is gone: stop polling it.
+                *session = None;
+            }
+            ev
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep(at: Option<Instant>) {
