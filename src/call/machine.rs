@@ -169,10 +169,17 @@ impl Call {
     pub fn start(&mut self) -> Vec<Output> {
         let mut out = Vec::new();
         // One file is always queued behind the playing one, so the playlist
-        // never runs dry between an `F` and our answer to it.
+        // never runs dry between an `F` and our answer to it: each `F`
+        // queues the file that ended again, which keeps the rotation's
+        // order. A single file is queued behind itself.
         if let Some((first, rest)) = self.hold.split_first() {
             out.push(Output::Command(Command::Play(first.clone())));
-            for file in rest.iter().chain(std::iter::once(first)) {
+            let queued = if rest.is_empty() {
+                std::slice::from_ref(first)
+            } else {
+                rest
+            };
+            for file in queued {
                 out.push(Output::Command(Command::Append(file.clone())));
             }
         }

@@ -116,17 +116,44 @@ fn popped_call() -> (Call, Vec<Output>) {
 fn audio_is_the_very_first_output_and_one_file_stays_queued() {
     let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
     let out = call.start();
-    assert_eq!(
-        commands(&out)[..3],
-        [
-            Command::Play("moh/a".into()),
-            Command::Append("moh/b".into()),
-            Command::Append("moh/a".into())
-        ]
-    );
     assert_eq!(out[0], Output::Command(Command::Play("moh/a".into())));
+    assert_eq!(out[1], Output::Command(Command::Append("moh/b".into())));
+    assert!(!matches!(out[2], Output::Command(Command::Append(_))));
     assert!(out.contains(&Output::Connect));
     assert!(out.contains(&Output::SetTimer(TimerId::Reply, Duration::from_secs(30))));
+}
+
+#[test]
+fn the_hold_rotation_keeps_its_order() {
+    let (mut call, _) = popped_call();
+    // Playing a, b queued: when a ends it goes behind b, and so on.
+    let mut played = vec![];
+    for file in ["moh/a", "moh/b", "moh/a", "moh/b"] {
+        played.extend(commands(&call.handle(ev(Event::Finished(file.into())))));
+    }
+    let appended: Vec<_> = played
+        .iter()
+        .map(|c| match c {
+            Command::Append(f) => f.as_str(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(appended, ["moh/a", "moh/b", "moh/a", "moh/b"]);
+}
+
+#[test]
+fn a_single_hold_file_is_queued_behind_itself() {
+    let mut p = profile();
+    p.hold = vec!["moh/only".into()];
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]);
+    let out = call.start();
+    assert_eq!(
+        commands(&out)[..2],
+        [
+            Command::Play("moh/only".into()),
+            Command::Append("moh/only".into())
+        ]
+    );
 }
 
 #[test]
