@@ -74,9 +74,9 @@ pub fn render(cmd: &Command) -> Result<String, WireError> {
             interval_ms,
             duration_ms,
         } => ('D', dtmf(digits, *interval_ms, *duration_ms)?.into()),
-        Command::Log(msg) => ('L', message(msg)),
-        Command::Exit(msg) => ('E', message(msg)),
-        Command::Hangup(msg) => ('H', message(msg)),
+        Command::Log(msg) => ('L', message(msg).into()),
+        Command::Exit(msg) => ('E', message(msg).into()),
+        Command::Hangup(msg) => ('H', message(msg).into()),
     };
     let line = format!("{letter},{data}\n");
     debug_assert!((4..=MAX_LINE + 1).contains(&line.len()), "{line:?}");
@@ -118,17 +118,22 @@ fn is_unsafe(c: char) -> bool {
         )
 }
 
-/// `text` without control and bidi/format characters (see the module doc).
-/// Commas and `=` are kept: they are harmless outside `V`.
+/// `text` without control and bidi/format characters (see the module doc):
+/// line breaks and tabs become a space, so words on two lines stay two
+/// words; the others are removed. Commas and `=` are kept: they are harmless
+/// outside `V`.
 pub fn clean_text(text: &str) -> Cow<'_, str> {
-    if text.chars().any(is_unsafe) {
-        text.chars()
-            .filter(|&c| !is_unsafe(c))
-            .collect::<String>()
-            .into()
-    } else {
-        text.into()
+    if !text.chars().any(is_unsafe) {
+        return text.into();
     }
+    text.chars()
+        .filter_map(|c| match c {
+            c if is_unsafe(c) && c.is_whitespace() => Some(' '),
+            c if is_unsafe(c) => None,
+            c => Some(c),
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// A value that is safe in a `V` assignment: [`clean_text`], then each `,`
@@ -149,14 +154,15 @@ fn cut(s: &str, max: usize) -> &str {
 
 /// Free text for `L`, `E` and `H`: cleaned, cut to fit, never blank (after
 /// Asterisk's strip a blank message would leave `E,`, which it ignores).
-fn message(msg: &str) -> Cow<'_, str> {
+fn message(msg: &str) -> String {
     let cleaned = clean_text(msg);
     let fitted = cut(cleaned.trim(), MAX_DATA).trim_end();
-    match fitted {
-        "" => EMPTY_MESSAGE.into(),
-        f if f.len() == cleaned.len() => cleaned,
-        f => f.to_string().into(),
+    if fitted.is_empty() {
+        EMPTY_MESSAGE
+    } else {
+        fitted
     }
+    .to_string()
 }
 
 fn file_name(file: &str) -> Result<&str, WireError> {
@@ -271,12 +277,13 @@ fn dtmf(
     if !ok {
         return Err(WireError::BadDigits(excerpt(digits.as_bytes())));
     }
-    let mut data = digits.to_string();
-    match (interval_ms, duration_ms) {
-        (None, None) => {}
-        (Some(i), None) => data += &format!(",{i}"),
-        (i, Some(d)) => data += &format!(",{},{d}", i.map(|i| i.to_string()).unwrap_or_default()),
-    }
+    let options = match (interval_ms, duration_ms) {
+        (None, None) => String::new(),
+        (Some(i), None) => format!(",{i}"),
+        // An empty interval keeps the duration in its place.
+        (i, Some(d)) => format!(",{},{d}", i.map_or(String::new(), |i| i.to_string())),
+    };
+    let data = format!("{digits}{options}");
     if data.len() > MAX_DATA {
         return Err(WireError::TooLong('D'));
     }
@@ -377,7 +384,7 @@ mod tests {
         let got = line(Command::Log(
             "a\r\nE,x\0b\u{1b}[2J\u{202E}c\u{2066}d\u{200F}e\u{85}f".into(),
         ));
-        assert_eq!(got, "L,aE,xb[2Jcdef\n");
+        assert_eq!(got, "L,a  E,xb[2Jcde f\n");
     }
 
     #[test]
@@ -478,7 +485,7 @@ mod tests {
         assert_eq!(sanitize_value("a,b"), "a b");
         assert_eq!(sanitize_value("k=v=w"), "k=v=w");
         assert_eq!(sanitize_value(" padded ,"), "padded");
-        assert_eq!(sanitize_value("x\r\ny\0z"), "xyz");
+        assert_eq!(sanitize_value("x\r\ny\0z"), "x  yz");
         assert_eq!(
             sanitize_value("\u{202E}evil\u{2066}\u{2069}\u{200E}\u{200F}\u{FEFF}"),
             "evil"
@@ -489,7 +496,7 @@ mod tests {
     #[test]
     fn var_values_are_sanitized_in_the_line() {
         let got = line(vars(&[("R", "a\nH,x\u{202E}"), ("S", "")]));
-        assert_eq!(got, "V,R=aH x,S=\n");
+        assert_eq!(got, "V,R=a H x,S=\n");
     }
 
     #[test]
