@@ -13,9 +13,9 @@
 //!   variable names and values never hold a comma;
 //! - `G` is split on every comma, so a name can never hold one.
 //!
-//! Free text (messages, values) is cleaned: control characters and Unicode
-//! bidi/format characters are removed, since it ends up in Asterisk's log or
-//! the dialplan. Names and sound files are not cleaned but refused: a
+//! Free text (messages, values) is cleaned, since it ends up in Asterisk's
+//! log or the dialplan: line breaks and tabs become spaces, other control
+//! characters and Unicode bidi/format characters are removed. Names and sound files are not cleaned but refused: a
 //! silently changed file name would no longer match the `F`/`Z` events the
 //! call waits for, and a changed variable name would set the wrong variable.
 
@@ -243,6 +243,11 @@ fn fair_cap(lens: &[usize], budget: usize) -> usize {
 /// strips it from the end of the line and the answer would name something
 /// else. Dropping a name to make the line fit would shift the answer that
 /// the caller matches by position, so a line that does not fit is an error.
+///
+/// Beware: Asterisk answers `G` with `pbx_builtin_getvar_helper`, which
+/// looks up channel and global variables only. A function (`CALLERID(num)`)
+/// or a built-in (`EXTEN`, `UNIQUEID`) is not evaluated and comes back
+/// empty; the dialplan has to copy such values into variables first.
 fn get_vars(names: &[String]) -> Result<String, WireError> {
     if names.is_empty() {
         return Err(WireError::Empty('G'));
