@@ -39,8 +39,13 @@ enum Cmd {
         /// `key=value` values for the templates (`${key}`).
         args: Vec<String>,
     },
-    /// Validate the configuration and report what it defines.
-    Check,
+    /// Validate the configuration, log in with each account a profile uses,
+    /// and report what it finds. Exit status 0 only if all is well.
+    Check {
+        /// Only validate the file; don't log in.
+        #[arg(long)]
+        offline: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,7 +58,7 @@ fn main() -> ExitCode {
     let log = Logger::new("popivr", level);
     let result = match cli.command {
         Cmd::Run { profile, args } => run(&cli.config, &profile, &args, log.clone()),
-        Cmd::Check => check(&cli.config),
+        Cmd::Check { offline } => check(&cli.config, offline),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,18 +110,11 @@ fn load(path: &std::path::Path) -> Result<Config> {
     Ok(config)
 }
 
-fn check(path: &std::path::Path) -> Result<()> {
+fn check(path: &std::path::Path, offline: bool) -> Result<()> {
     let config = load(path)?;
+    println!("{}: configuration is valid", path.display());
     for w in &config.warnings {
         println!("warning: {w}");
-    }
-    for (name, a) in &config.accounts {
-        println!(
-            "account [{name}]: {} via {}:{}",
-            a.username,
-            a.serverhost.as_deref().unwrap_or("(JID domain)"),
-            a.port
-        );
     }
     for (name, p) in &config.profiles {
         println!(
@@ -129,6 +127,42 @@ fn check(path: &std::path::Path) -> Result<()> {
     }
     if config.profiles.is_empty() {
         bail!("{} defines no profile", path.display());
+    }
+    let used: std::collections::BTreeSet<&str> = config
+        .profiles
+        .values()
+        .filter(|p| !p.targets.is_empty())
+        .map(|p| p.account.as_str())
+        .collect();
+    if offline || used.is_empty() {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let mut failed = 0;
+    for name in used {
+        let Some(account) = config.accounts.get(name) else {
+            continue;
+        };
+        let server = account.serverhost.as_deref().unwrap_or("the JID's domain");
+        match rt.block_on(popivr::xmpp::login(account)) {
+            Ok(conn) => println!(
+                "account [{name}]: logged in as {} via {server}:{} ({}, {})",
+                conn.jid, account.port, conn.mechanism, conn.timings
+            ),
+            Err(e) => {
+                failed += 1;
+                println!(
+                    "account [{name}]: login FAILED via {server}:{}: {e}",
+                    account.port
+                );
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} account(s) could not log in");
     }
     Ok(())
 }
