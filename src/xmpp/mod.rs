@@ -15,6 +15,7 @@ mod login;
 mod session;
 mod stanza;
 mod tls;
+mod transport;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;

@@ -1,0 +1,350 @@
+//! `TestAgent`: a real XMPP client for test code, playing the agent at a
+//! desk. It is tokio-xmpp's own `Client` (its own SASL, binding and stream
+//! handling), not popivr's login code, so tests of popivr's session talk to
+//! an independent implementation. Only the transport is ours: a STARTTLS
+//! connector that trusts the test CA.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use sasl::common::ChannelBinding;
+use tokio::io::BufStream;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, ServerName, pem::PemObject},
+};
+use tokio_xmpp::connect::ServerConnector;
+use tokio_xmpp::xmlstream::{
+    PendingFeaturesRecv, ReadError, StreamHeader, Timeouts, XmppStreamElement, initiate_stream,
+};
+use tokio_xmpp::{Client, Event, Stanza};
+use xmpp_parsers::{
+    jid::{BareJid, FullJid, Jid},
+    message::{Lang, Message, MessageType, Thread},
+    minidom::Element,
+    presence::{Presence, Show},
+    starttls,
+};
+
+use super::prosody::Prosody;
+
+/// How long helpers wait before failing the test. Generous: a loaded CI
+/// machine must not make a correct test fail.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A logged-in test client.
+pub struct TestAgent {
+    client: Client,
+    jid: FullJid,
+    backlog: VecDeque<Message>,
+}
+
+impl TestAgent {
+    /// Log in as `user` and announce presence (so messages to the bare JID
+    /// reach us). Panics if not online within [`WAIT`].
+    pub async fn login(server: &Prosody, user: &str, password: &str) -> TestAgent {
+        let jid = BareJid::new(&server.jid(user)).expect("agent JID");
+        let connector = TestConnector {
+            addr: server.addr(),
+            tls: tls_config(&server.ca_pem()),
+        };
+        let mut client = Client::new_with_connector(jid, password, connector, Timeouts::tight());
+        let bound = tokio::time::timeout(WAIT, async {
+            loop {
+                match client.next().await {
+                    Some(Event::Online { bound_jid, .. }) => break bound_jid,
+                    // tokio-xmpp retries on its own; the timeout ends it.
+                    Some(_) => continue,
+                    None => panic!("agent {user}: client ended before online"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("agent {user}: not online within {WAIT:?}"));
+        let jid = bound.try_into_full().expect("server binds a full JID");
+        let mut agent = TestAgent {
+            client,
+            jid,
+            backlog: VecDeque::new(),
+        };
+        agent.set_presence(None, None).await;
+        agent
+    }
+
+    pub fn jid(&self) -> &FullJid {
+        &self.jid
+    }
+
+    /// The bare JID as a string (what popivr compares targets with).
+    pub fn bare(&self) -> String {
+        self.jid.to_bare().to_string()
+    }
+
+    /// Send a plain chat message.
+    pub async fn send_chat(&mut self, to: &str, body: &str) {
+        self.send(TestMessage::chat(to, body)).await;
+    }
+
+    /// Send a message built with [`TestMessage`].
+    pub async fn send(&mut self, msg: TestMessage) {
+        let stanza = msg.build(&self.jid);
+        self.send_stanza(stanza.into()).await;
+    }
+
+    /// Send any stanza given as XML (for shapes `TestMessage` cannot make).
+    pub async fn send_raw(&mut self, xml: &str) {
+        let el: Element = xml.parse().expect("well-formed stanza");
+        let stanza = Stanza::try_from(el).expect("a stanza");
+        self.send_stanza(stanza).await;
+    }
+
+    async fn send_stanza(&mut self, stanza: Stanza) {
+        tokio::time::timeout(WAIT, self.client.send_stanza(stanza))
+            .await
+            .expect("send timed out")
+            .expect("send failed");
+    }
+
+    /// Available presence with optional `<show/>` and status.
+    pub async fn set_presence(&mut self, show: Option<Show>, status: Option<&str>) {
+        let mut p = Presence::available();
+        p.show = show;
+        if let Some(s) = status {
+            p.set_status(Lang::new(), s.to_owned());
+        }
+        self.send_stanza(p.into()).await;
+    }
+
+    /// The next message that `pred` accepts, waiting up to `timeout`;
+    /// others are kept for later calls. `None` on timeout.
+    pub async fn next_message_within(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Message) -> bool,
+    ) -> Option<Message> {
+        if let Some(i) = self.backlog.iter().position(&pred) {
+            return self.backlog.remove(i);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.client.next())
+                .await
+                .ok()?;
+            match event {
+                Some(Event::Stanza(Stanza::Message(m))) => {
+                    if pred(&m) {
+                        return Some(m);
+                    }
+                    self.backlog.push_back(m);
+                }
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    }
+
+    /// The next message with a body that `pred` accepts; panics after
+    /// [`WAIT`].
+    pub async fn expect_message(&mut self, pred: impl Fn(&Message) -> bool) -> Message {
+        self.next_message_within(WAIT, pred)
+            .await
+            .unwrap_or_else(|| panic!("{}: no matching message within {WAIT:?}", self.jid))
+    }
+
+    /// Log out cleanly.
+    pub async fn close(self) {
+        let _ = tokio::time::timeout(WAIT, self.client.send_end()).await;
+    }
+}
+
+/// The body of a message in the default language, if any.
+pub fn body(m: &Message) -> Option<&str> {
+    m.get_best_body(vec![]).map(|(_, b)| b.as_str())
+}
+
+/// Where a hostile message hides its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wrapper {
+    /// XEP-0280 `<received/>` carbon.
+    CarbonReceived,
+    /// XEP-0280 `<sent/>` carbon.
+    CarbonSent,
+    /// A bare XEP-0297 `<forwarded/>`.
+    Forwarded,
+}
+
+/// A message for an agent to send.
+#[derive(Debug, Clone)]
+pub struct TestMessage {
+    pub to: String,
+    pub kind: MessageType,
+    pub body: Option<String>,
+    pub thread: Option<String>,
+    /// Add a XEP-0203 `<delay/>` (as offline storage would).
+    pub delay: bool,
+    /// Also wrap a copy of the message as a carbon or forward.
+    pub wrapper: Option<Wrapper>,
+}
+
+impl TestMessage {
+    pub fn chat(to: &str, body: &str) -> TestMessage {
+        TestMessage {
+            to: to.to_owned(),
+            kind: MessageType::Chat,
+            body: Some(body.to_owned()),
+            thread: None,
+            delay: false,
+            wrapper: None,
+        }
+    }
+
+    pub fn kind(mut self, kind: MessageType) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    pub fn thread(mut self, id: &str) -> Self {
+        self.thread = Some(id.to_owned());
+        self
+    }
+
+    pub fn delayed(mut self) -> Self {
+        self.delay = true;
+        self
+    }
+
+    pub fn wrapped(mut self, wrapper: Wrapper) -> Self {
+        self.wrapper = Some(wrapper);
+        self
+    }
+
+    fn build(&self, from: &FullJid) -> Message {
+        let to = Jid::new(&self.to).expect("recipient JID");
+        let mut msg = Message::new_with_type(self.kind.clone(), Some(to.clone()));
+        if let Some(body) = &self.body {
+            msg = msg.with_body(Lang::new(), body.clone());
+        }
+        msg.thread = self.thread.as_ref().map(|id| Thread {
+            parent: None,
+            id: id.clone(),
+        });
+        if self.delay {
+            let delay = format!(
+                "<delay xmlns='urn:xmpp:delay' from='{}' stamp='2002-09-10T23:08:25Z'/>",
+                from.domain()
+            );
+            msg.payloads.push(delay.parse().expect("delay element"));
+        }
+        if let Some(wrapper) = self.wrapper {
+            // The inner copy claims to come from us, like a real carbon.
+            let mut inner = Message::new_with_type(self.kind.clone(), Some(to));
+            inner.from = Some(from.clone().into());
+            if let Some(body) = &self.body {
+                inner = inner.with_body(Lang::new(), body.clone());
+            }
+            let forwarded = Element::builder("forwarded", "urn:xmpp:forward:0")
+                .append(Element::from(inner))
+                .build();
+            let payload = match wrapper {
+                Wrapper::Forwarded => forwarded,
+                Wrapper::CarbonReceived | Wrapper::CarbonSent => {
+                    let name = if wrapper == Wrapper::CarbonSent {
+                        "sent"
+                    } else {
+                        "received"
+                    };
+                    Element::builder(name, "urn:xmpp:carbons:2")
+                        .append(forwarded)
+                        .build()
+                }
+            };
+            msg.payloads.push(payload);
+        }
+        msg
+    }
+}
+
+fn tls_config(ca: &Path) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
+        roots.add(cert.expect("CA PEM")).expect("add CA");
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// TCP to a fixed address, then STARTTLS trusting the test CA.
+#[derive(Clone)]
+struct TestConnector {
+    addr: SocketAddr,
+    tls: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for TestConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TestConnector({})", self.addr)
+    }
+}
+
+impl ServerConnector for TestConnector {
+    type Stream = BufStream<TlsStream<TcpStream>>;
+
+    async fn connect(
+        &self,
+        jid: &Jid,
+        ns: &'static str,
+        timeouts: Timeouts,
+    ) -> Result<(PendingFeaturesRecv<Self::Stream>, ChannelBinding), tokio_xmpp::Error> {
+        let domain = jid.domain().as_str();
+        let header = || StreamHeader {
+            to: Some(domain.to_owned().into()),
+            from: None,
+            id: None,
+        };
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let pending = initiate_stream(BufStream::new(tcp), ns, header(), timeouts).await?;
+        let (_features, mut stream) = pending
+            .recv_features::<tokio_xmpp::xmlstream::FallibleStreamElement>()
+            .await?;
+        stream
+            .send(&XmppStreamElement::Starttls(starttls::Nonza::Request(
+                starttls::Request,
+            )))
+            .await?;
+        loop {
+            match stream.next().await {
+                Some(Ok(el)) => match el.into_read_error() {
+                    Ok(XmppStreamElement::Starttls(starttls::Nonza::Proceed(_))) => break,
+                    Ok(_) => continue,
+                    Err(e) => return Err(std::io::Error::other(e.to_string()).into()),
+                },
+                Some(Err(ReadError::SoftTimeout)) => continue,
+                Some(Err(e)) => return Err(std::io::Error::other(e.to_string()).into()),
+                None => return Err(tokio_xmpp::Error::Disconnected),
+            }
+        }
+        let tcp = stream.into_inner().into_inner();
+        let name = ServerName::try_from(domain.to_owned()).expect("domain is a DNS name");
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await?;
+        let pending = initiate_stream(BufStream::new(tls), ns, header(), timeouts).await?;
+        // No channel binding: prosody 0.12 offers no -PLUS mechanism on
+        // TLS 1.3, so tokio-xmpp would otherwise skip SCRAM for PLAIN.
+        Ok((pending, ChannelBinding::None))
+    }
+}

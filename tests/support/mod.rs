@@ -1,0 +1,11 @@
+//! Shared helpers for integration tests: a throw-away prosody and a test
+//! XMPP client. Use with `mod support;` from a test file.
+
+// Each test binary uses a different subset.
+#![allow(dead_code, unused_imports)]
+
+pub mod agent;
+pub mod prosody;
+
+pub use agent::{TestAgent, TestMessage, WAIT, Wrapper, body};
+pub use prosody::{Prosody, TestCa, free_port};
