@@ -15,9 +15,10 @@
 //!
 //! Free text (messages, values) is cleaned, since it ends up in Asterisk's
 //! log or the dialplan: line breaks and tabs become spaces, other control
-//! characters and Unicode bidi/format characters are removed. Names and sound files are not cleaned but refused: a
-//! silently changed file name would no longer match the `F`/`Z` events the
-//! call waits for, and a changed variable name would set the wrong variable.
+//! characters and Unicode bidi/format characters are removed. Names and
+//! sound files are not cleaned but refused: a silently changed file name
+//! would no longer match the `F`/`Z` events the call waits for, and a
+//! changed variable name would set the wrong variable.
 
 use std::borrow::Cow;
 
