@@ -1,28 +1,544 @@
-//! popivr's XMPP session against a real prosody.
+//! popivr's XMPP session against a real prosody: logins that work and the
+//! ways they fail, messages both ways and how they are taken apart.
 
 mod support;
 
-use support::{Prosody, TestAgent};
+use std::time::{Duration, Instant};
+
+use popivr::call::{IncomingMessage, MsgKind, OutgoingMessage};
+use popivr::config::Account;
+use popivr::xmpp::{self, IncomingPresence, Session, Show, XmppEvent, XmppStatus};
+use support::{Prosody, TestAgent, TestCa, TestMessage, WAIT, Wrapper, body, free_port};
+use tokio::time::timeout;
+use xmpp_parsers::message::{Message, MessageType};
+
+const PBX_PW: &str = "pbx-Secret-7f3a";
+const ALICE_PW: &str = "alice-Secret-91c2";
+
+fn server() -> Prosody {
+    Prosody::builder()
+        .user("pbx", PBX_PW)
+        .user("alice", ALICE_PW)
+        .start()
+}
+
+/// Start a session and wait for its first status.
+async fn first_status(account: &Account) -> (Session, XmppStatus, Duration) {
+    let t = Instant::now();
+    let mut session = xmpp::spawn(account.clone());
+    let status = match timeout(WAIT, session.recv()).await {
+        Ok(Some(XmppEvent::Status(s))) => s,
+        other => panic!("expected a status first, got {other:?}"),
+    };
+    (session, status, t.elapsed())
+}
+
+async fn online(account: &Account) -> Session {
+    let (session, status, _) = first_status(account).await;
+    assert_eq!(status, XmppStatus::Online);
+    session
+}
+
+/// A login that must fail: returns the cause after checking that it came
+/// within the account's timeout, that the session then ended (nothing
+/// more, so no retry), and that the secret is nowhere in it.
+async fn failure(account: &Account) -> String {
+    let (mut session, status, took) = first_status(account).await;
+    let XmppStatus::Failed(cause) = status else {
+        panic!("expected a failure, got {status:?}");
+    };
+    assert!(
+        took <= account.timeout + Duration::from_secs(2),
+        "reported after {took:?}"
+    );
+    assert_eq!(
+        timeout(WAIT, session.recv()).await.expect("session ends"),
+        None,
+        "a failed session reports once and ends"
+    );
+    assert_no_secret(&cause, account);
+    assert_no_secret(&format!("{:?}", XmppStatus::Failed(cause.clone())), account);
+    cause
+}
+
+fn assert_no_secret(text: &str, account: &Account) {
+    for secret in [account.secret.as_str(), PBX_PW, ALICE_PW] {
+        assert!(!text.contains(secret), "secret leaked in {text:?}");
+    }
+}
+
+/// The next message event, skipping presence; panics after [`WAIT`].
+async fn next_message(session: &mut Session) -> IncomingMessage {
+    loop {
+        match timeout(WAIT, session.recv()).await {
+            Ok(Some(XmppEvent::Message(m))) => return m,
+            Ok(Some(XmppEvent::Presence(_))) => continue,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}
+
+/// The next presence from `from_bare`, skipping others (the server also
+/// reflects our own).
+async fn next_presence(session: &mut Session, from_bare: &str) -> IncomingPresence {
+    loop {
+        match timeout(WAIT, session.recv()).await {
+            Ok(Some(XmppEvent::Presence(p))) if p.from_bare == from_bare => return p,
+            Ok(Some(XmppEvent::Presence(_))) => continue,
+            Ok(Some(XmppEvent::Message(_))) => continue,
+            other => panic!("expected a presence, got {other:?}"),
+        }
+    }
+}
+
+/// How many client connections prosody has seen so far.
+fn connections(server: &Prosody) -> usize {
+    server.log().matches("Client connected").count()
+}
+
+/// A session that has sent alice a pop, and alice's view of it: the pop
+/// (whose `from` is the session's full JID).
+async fn pop_to_alice(server: &Prosody) -> (Session, TestAgent, Message) {
+    let mut alice = TestAgent::login(server, "alice", ALICE_PW).await;
+    let session = online(&server.account("pbx", PBX_PW)).await;
+    session.send(OutgoingMessage {
+        to: alice.bare(),
+        body: "Call from 2001".into(),
+        thread: Some("call-1".into()),
+    });
+    let pop = alice
+        .expect_message(|m| body(m) == Some("Call from 2001"))
+        .await;
+    (session, alice, pop)
+}
 
 #[tokio::test]
-async fn smoke() {
-    let server = Prosody::builder()
-        .user("pbx", "pbx-pw")
-        .user("alice", "alice-pw")
-        .start();
-    eprintln!("startup {:?}", server.startup_time());
-    let t = std::time::Instant::now();
-    let conn = popivr::xmpp::login(&server.account("pbx", "pbx-pw"))
+async fn login_with_ca_file_is_verified_and_online() {
+    let server = server();
+    let conn = xmpp::login(&server.account("pbx", PBX_PW))
         .await
-        .unwrap();
-    eprintln!(
-        "login {:?} {} {}",
-        t.elapsed(),
-        conn.mechanism,
-        conn.timings
+        .expect("login");
+    // The certificate is checked for the JID's domain although we connect
+    // to 127.0.0.1 (serverhost).
+    let jid = conn.jid.to_string();
+    assert!(jid.starts_with("pbx@popivr.test/popivr-"), "{jid}");
+    // SCRAM, not PLAIN: the server never sees the password.
+    assert!(conn.mechanism.starts_with("SCRAM-"), "{}", conn.mechanism);
+    let session = online(&server.account("pbx", PBX_PW)).await;
+    session.close().await;
+}
+
+#[tokio::test]
+async fn serverhost_name_is_resolved() {
+    let server = server();
+    let mut account = server.account("pbx", PBX_PW);
+    account.serverhost = Some("localhost".into());
+    let conn = xmpp::login(&account).await.expect("login via localhost");
+    assert_eq!(conn.jid.domain().as_str(), "popivr.test");
+}
+
+#[tokio::test]
+async fn two_logins_of_one_account_coexist() {
+    // Concurrent calls share an account; neither may kick the other.
+    let server = server();
+    let account = server.account("pbx", PBX_PW);
+    let mut first = online(&account).await;
+    let second = online(&account).await;
+    second.close().await;
+    // The first is still up: it still receives.
+    let mut alice = TestAgent::login(&server, "alice", ALICE_PW).await;
+    alice.send_chat(&server.jid("pbx"), "still there?").await;
+    assert_eq!(
+        next_message(&mut first).await.body.as_deref(),
+        Some("still there?")
     );
-    let t = std::time::Instant::now();
-    let agent = TestAgent::login(&server, "alice", "alice-pw").await;
-    eprintln!("agent login {:?}", t.elapsed());
-    agent.close().await;
+}
+
+#[tokio::test]
+async fn untrusted_certificate_without_ca_file_fails_once() {
+    let server = server();
+    let mut account = server.account("pbx", PBX_PW);
+    account.ca_file = None; // system roots only: our test CA is not there
+    let cause = failure(&account).await;
+    assert_eq!(cause, "TLS: certificate not trusted (unknown issuer)");
+    // tokio-xmpp's client would reconnect after a second; we must not.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(connections(&server), 1, "no retry");
+}
+
+#[tokio::test]
+async fn wrong_ca_file_fails_with_unknown_issuer() {
+    let server = server();
+    let other = server.scratch_dir().join("other-ca.pem");
+    TestCa::new("some other CA").write_pem(&other);
+    let mut account = server.account("pbx", PBX_PW);
+    account.ca_file = Some(other);
+    assert_eq!(
+        failure(&account).await,
+        "TLS: certificate not trusted (unknown issuer)"
+    );
+}
+
+#[tokio::test]
+async fn certificate_for_another_name_is_refused() {
+    let server = Prosody::builder()
+        .user("pbx", PBX_PW)
+        .certificate_for(&["elsewhere.test"])
+        .start();
+    let cause = failure(&server.account("pbx", PBX_PW)).await;
+    assert!(
+        cause.starts_with("TLS: certificate not valid for popivr.test"),
+        "{cause}"
+    );
+}
+
+#[tokio::test]
+async fn missing_ca_file_is_named() {
+    let server = server();
+    let mut account = server.account("pbx", PBX_PW);
+    account.ca_file = Some(server.scratch_dir().join("nope.pem"));
+    let cause = failure(&account).await;
+    assert!(cause.starts_with("ca_file: "), "{cause}");
+    assert!(cause.contains("nope.pem"), "{cause}");
+    assert_eq!(
+        connections(&server),
+        0,
+        "no connection with a broken config"
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_fails_auth() {
+    let server = server();
+    let account = server.account("pbx", "not-the-password");
+    let cause = failure(&account).await;
+    assert_eq!(cause, "auth failed: not-authorized");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(connections(&server), 1, "no retry");
+}
+
+#[tokio::test]
+async fn unknown_user_fails_auth() {
+    let server = server();
+    let cause = failure(&server.account("nobody", PBX_PW)).await;
+    assert_eq!(cause, "auth failed: not-authorized");
+}
+
+#[tokio::test]
+async fn refused_connection_is_reported() {
+    let mut account = server_less_account();
+    let port = free_port();
+    account.port = port;
+    let cause = failure(&account).await;
+    assert_eq!(
+        cause,
+        format!("connect 127.0.0.1:{port}: connection refused")
+    );
+}
+
+#[tokio::test]
+async fn silent_server_times_out_within_the_account_timeout() {
+    let server = server();
+    server.freeze();
+    let mut account = server.account("pbx", PBX_PW);
+    account.timeout = Duration::from_secs(1);
+    let cause = failure(&account).await;
+    // TCP is accepted by the kernel; the stream header is never answered.
+    assert_eq!(cause, "timed out after 1 s (during stream)");
+    server.thaw();
+}
+
+#[tokio::test]
+async fn plaintext_is_refused_unless_allowed() {
+    let server = Prosody::builder()
+        .user("pbx", PBX_PW)
+        .plaintext_allowed()
+        .start();
+    let mut account = server.account("pbx", PBX_PW);
+    account.usetls = false;
+    let cause = failure(&account).await;
+    assert_eq!(
+        cause,
+        "config: usetls=no is refused unless allow_plaintext=yes"
+    );
+    assert_eq!(connections(&server), 0, "refused before connecting");
+
+    account.allow_plaintext = true;
+    let conn = xmpp::login(&account).await.expect("plaintext login");
+    // Even in the clear the password itself is never sent.
+    assert!(conn.mechanism.starts_with("SCRAM-"), "{}", conn.mechanism);
+    online(&account).await.close().await;
+}
+
+#[tokio::test]
+async fn plaintext_against_a_tls_only_server_says_why() {
+    let server = server();
+    let mut account = server.account("pbx", PBX_PW);
+    account.usetls = false;
+    account.allow_plaintext = true;
+    let cause = failure(&account).await;
+    assert!(
+        cause.starts_with("auth failed: no SASL mechanism usable without TLS"),
+        "{cause}"
+    );
+}
+
+#[tokio::test]
+async fn pop_reaches_the_agent_as_chat_with_thread() {
+    let server = server();
+    let (session, alice, pop) = pop_to_alice(&server).await;
+    assert_eq!(pop.type_, MessageType::Chat);
+    assert_eq!(pop.thread.as_ref().map(|t| t.id.as_str()), Some("call-1"));
+    let from = pop.from.expect("server stamps from");
+    assert_eq!(from.to_bare().to_string(), "pbx@popivr.test");
+    session.close().await;
+    alice.close().await;
+}
+
+#[tokio::test]
+async fn agent_reply_is_taken_apart() {
+    let server = server();
+    let (mut session, mut alice, _pop) = pop_to_alice(&server).await;
+    alice
+        .send(TestMessage::chat(&server.jid("pbx"), "1 desk").thread("call-1"))
+        .await;
+    let m = next_message(&mut session).await;
+    assert_eq!(
+        m,
+        IncomingMessage {
+            from_bare: "alice@popivr.test".into(),
+            from_full: alice.jid().to_string(),
+            kind: MsgKind::Chat,
+            body: Some("1 desk".into()),
+            delayed: false,
+            forwarded: false,
+            thread: Some("call-1".into()),
+        }
+    );
+}
+
+#[tokio::test]
+async fn message_kinds_are_reported() {
+    let server = server();
+    let (mut session, mut alice, pop) = pop_to_alice(&server).await;
+    // Sent to the session's full JID: prosody routes every type there
+    // (to the bare JID it would drop errors and bounce groupchat).
+    let me = pop.from.expect("from").to_string();
+    for (ty, kind) in [
+        (MessageType::Normal, MsgKind::Normal),
+        (MessageType::Groupchat, MsgKind::Groupchat),
+        (MessageType::Headline, MsgKind::Headline),
+        (MessageType::Error, MsgKind::Error),
+        (MessageType::Chat, MsgKind::Chat),
+    ] {
+        let text = format!("{ty:?}");
+        alice.send(TestMessage::chat(&me, &text).kind(ty)).await;
+        let m = next_message(&mut session).await;
+        assert_eq!((m.kind, m.body.as_deref()), (kind, Some(text.as_str())));
+        assert_eq!(m.from_bare, "alice@popivr.test");
+    }
+}
+
+#[tokio::test]
+async fn delay_and_forward_wrappers_are_flagged() {
+    let server = server();
+    let (mut session, mut alice, _pop) = pop_to_alice(&server).await;
+    let pbx = server.jid("pbx");
+
+    alice.send(TestMessage::chat(&pbx, "1").delayed()).await;
+    let m = next_message(&mut session).await;
+    assert!(m.delayed && !m.forwarded, "{m:?}");
+
+    for wrapper in [
+        Wrapper::CarbonReceived,
+        Wrapper::CarbonSent,
+        Wrapper::Forwarded,
+    ] {
+        alice
+            .send(TestMessage::chat(&pbx, "1").wrapped(wrapper))
+            .await;
+        let m = next_message(&mut session).await;
+        assert!(m.forwarded && !m.delayed, "{wrapper:?}: {m:?}");
+        assert_eq!(m.from_bare, "alice@popivr.test");
+    }
+
+    // A carbon crafted as raw XML, without a body outside: no body seen.
+    alice
+        .send_raw(&format!(
+            "<message xmlns='jabber:client' to='{pbx}' type='chat'>\
+             <received xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'>\
+             <message xmlns='jabber:client' from='{pbx}/x' to='{pbx}' type='chat'>\
+             <body>2</body></message></forwarded></received></message>"
+        ))
+        .await;
+    let m = next_message(&mut session).await;
+    assert!(m.forwarded, "{m:?}");
+    assert_eq!(m.body, None);
+}
+
+#[tokio::test]
+async fn offline_message_arrives_delayed() {
+    let server = server();
+    let mut alice = TestAgent::login(&server, "alice", ALICE_PW).await;
+    // pbx is offline: prosody stores the message.
+    alice.send_chat(&server.jid("pbx"), "an old reply").await;
+    // Let the server file it before pbx appears (bounded poll, no sleep-and-hope).
+    let deadline = Instant::now() + WAIT;
+    let store = server
+        .scratch_dir()
+        .join("data/popivr%2etest/offline/pbx.list");
+    while !store.exists() {
+        assert!(Instant::now() < deadline, "message was not stored offline");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut session = online(&server.account("pbx", PBX_PW)).await;
+    let m = next_message(&mut session).await;
+    assert_eq!(m.body.as_deref(), Some("an old reply"));
+    assert!(m.delayed, "offline delivery carries <delay/>: {m:?}");
+    assert!(!m.forwarded);
+}
+
+#[tokio::test]
+async fn directed_presence_is_reported() {
+    let server = server();
+    let (mut session, mut alice, pop) = pop_to_alice(&server).await;
+    let me = pop.from.expect("from").to_string();
+    alice
+        .send_raw(&format!(
+            "<presence xmlns='jabber:client' to='{me}'><show>dnd</show><status>on a call</status></presence>"
+        ))
+        .await;
+    let p = next_presence(&mut session, "alice@popivr.test").await;
+    assert_eq!(p.from_bare, "alice@popivr.test");
+    assert_eq!(p.show, Show::Dnd);
+    assert_eq!(p.status.as_deref(), Some("on a call"));
+    alice
+        .send_raw(&format!(
+            "<presence xmlns='jabber:client' to='{me}' type='unavailable'/>"
+        ))
+        .await;
+    assert_eq!(
+        next_presence(&mut session, "alice@popivr.test").await.show,
+        Show::Unavailable
+    );
+}
+
+#[tokio::test]
+async fn pings_are_answered_and_other_requests_refused() {
+    let server = server();
+    let (_session, mut alice, pop) = pop_to_alice(&server).await;
+    let me = pop.from.expect("from").to_string();
+    let ping = "<ping xmlns='urn:xmpp:ping'/>".parse().unwrap();
+    match alice.iq(&me, tokio_xmpp::IqRequest::Get(ping)).await {
+        tokio_xmpp::IqResponse::Result(_) => {}
+        other => panic!("ping not answered: {other:?}"),
+    }
+    let version = "<query xmlns='jabber:iq:version'/>".parse().unwrap();
+    match alice.iq(&me, tokio_xmpp::IqRequest::Get(version)).await {
+        tokio_xmpp::IqResponse::Error(e) => assert_eq!(
+            e.defined_condition,
+            xmpp_parsers::stanza_error::DefinedCondition::ServiceUnavailable
+        ),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_lost_server_is_reported_once() {
+    let mut server = server();
+    let mut session = online(&server.account("pbx", PBX_PW)).await;
+    server.kill();
+    match timeout(WAIT, session.recv()).await {
+        Ok(Some(XmppEvent::Status(XmppStatus::Failed(cause)))) => {
+            assert!(cause.starts_with("connection lost: "), "{cause}")
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert_eq!(timeout(WAIT, session.recv()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_stopped_server_is_reported_and_a_restarted_one_works() {
+    let mut server = server();
+    let account = server.account("pbx", PBX_PW);
+    let mut session = online(&account).await;
+    server.stop();
+    match timeout(WAIT, session.recv()).await {
+        Ok(Some(XmppEvent::Status(XmppStatus::Failed(cause)))) => {
+            // prosody ends its streams with system-shutdown on SIGTERM.
+            assert!(
+                cause.starts_with("stream error: system-shutdown"),
+                "{cause}"
+            )
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    server.restart();
+    online(&account).await.close().await;
+}
+
+#[tokio::test]
+async fn close_is_bounded_even_when_the_server_hangs() {
+    let server = server();
+    let session = online(&server.account("pbx", PBX_PW)).await;
+    server.freeze();
+    let t = Instant::now();
+    session.close().await;
+    // The bound is 100 ms; allow a loaded machine plenty more.
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    server.thaw();
+}
+
+#[tokio::test]
+async fn close_abandons_a_login_in_progress() {
+    let server = server();
+    server.freeze();
+    let session = xmpp::spawn(server.account("pbx", PBX_PW));
+    let t = Instant::now();
+    session.close().await;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    server.thaw();
+}
+
+#[tokio::test]
+async fn messages_sent_during_login_go_out_once_online() {
+    let server = server();
+    let mut alice = TestAgent::login(&server, "alice", ALICE_PW).await;
+    let session = xmpp::spawn(server.account("pbx", PBX_PW));
+    session.send(OutgoingMessage {
+        to: alice.bare(),
+        body: "early".into(),
+        thread: None,
+    });
+    alice.expect_message(|m| body(m) == Some("early")).await;
+    session.close().await;
+}
+
+#[tokio::test]
+async fn harness_starts_quickly() {
+    // Not a speed assertion (that belongs in benches/login.rs): a sanity
+    // bound that would catch a start-up that waits on a timeout.
+    let server = server();
+    assert!(
+        server.startup_time() < Duration::from_secs(10),
+        "{:?}",
+        server.startup_time()
+    );
+}
+
+fn server_less_account() -> Account {
+    Account {
+        name: "pbx".into(),
+        username: "pbx@popivr.test".into(),
+        secret: PBX_PW.into(),
+        serverhost: Some("127.0.0.1".into()),
+        port: 5222,
+        usetls: true,
+        usesasl: true,
+        allow_plaintext: false,
+        ca_file: None,
+        statusmessage: None,
+        timeout: Duration::from_secs(5),
+        origin: "test".into(),
+    }
 }

@@ -407,7 +407,11 @@ fn choose_mechanism(
         let plain = Plain::from_credentials(creds(ChannelBinding::None)).map_err(sasl_setup)?;
         return Ok(("PLAIN", Box::new(plain)));
     }
-    let list = offered.iter().cloned().collect::<Vec<_>>().join(" ");
+    let list = if offered.is_empty() {
+        "none".to_owned()
+    } else {
+        offered.iter().cloned().collect::<Vec<_>>().join(" ")
+    };
     Err(XmppError::Auth(if secure {
         format!("no supported SASL mechanism (server offers: {list})")
     } else {

@@ -9,7 +9,7 @@ use tokio_xmpp::Stanza;
 use tokio_xmpp::xmlstream::{FallibleStreamElement, ReadError, XmppStreamElement};
 use xmpp_parsers::{
     iq::Iq,
-    jid::BareJid,
+    jid::{BareJid, FullJid},
     ping::Ping,
     stanza_error::{DefinedCondition, ErrorType, StanzaError},
 };
@@ -80,7 +80,6 @@ pub(crate) async fn run(
     let Connection {
         mut stream, jid, ..
     } = conn;
-    let own = jid.to_bare();
 
     // Initial presence before "online": the server then routes messages for
     // the bare JID to us and releases stored offline messages. It is
@@ -111,7 +110,7 @@ pub(crate) async fn run(
     }
     let end = match end {
         Some(end) => end,
-        None => relay(&mut stream, &mut cmds, &events, &own).await,
+        None => relay(&mut stream, &mut cmds, &events, &jid).await,
     };
     match end {
         End::Close => close(stream).await,
@@ -128,8 +127,9 @@ async fn relay(
     stream: &mut Stream,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::Sender<XmppEvent>,
-    own: &BareJid,
+    me: &FullJid,
 ) -> End {
+    let own = me.to_bare();
     loop {
         tokio::select! {
             cmd = cmds.recv() => {
@@ -141,7 +141,7 @@ async fn relay(
             // Cancel-safe: a half-read element stays in the stream's state.
             item = stream.next() => {
                 let event = match item {
-                    Some(Ok(FallibleStreamElement::Ok(el))) => match on_element(stream, el, own).await {
+                    Some(Ok(FallibleStreamElement::Ok(el))) => match on_element(stream, el, me, &own).await {
                         Ok(event) => event,
                         Err(end) => return end,
                     },
@@ -182,11 +182,18 @@ async fn relay(
 async fn on_element(
     stream: &mut Stream,
     el: XmppStreamElement,
+    me: &FullJid,
     own: &BareJid,
 ) -> Result<Option<XmppEvent>, End> {
     match el {
         XmppStreamElement::Stanza(Stanza::Message(m)) => {
             Ok(Some(XmppEvent::Message(incoming_message(&m, own))))
+        }
+        // The server reflects our own presence back; that says nothing.
+        XmppStreamElement::Stanza(Stanza::Presence(p))
+            if p.from.as_ref().and_then(|f| f.try_as_full().ok()) == Some(me) =>
+        {
+            Ok(None)
         }
         XmppStreamElement::Stanza(Stanza::Presence(p)) => {
             Ok(incoming_presence(&p, own).map(XmppEvent::Presence))

@@ -112,6 +112,16 @@ impl TestAgent {
             .expect("send failed");
     }
 
+    /// Send an IQ and wait for its answer (panics after [`WAIT`]).
+    pub async fn iq(&mut self, to: &str, request: tokio_xmpp::IqRequest) -> tokio_xmpp::IqResponse {
+        let to = Jid::new(to).expect("IQ recipient");
+        let token = self.client.send_iq(Some(to), request).await;
+        tokio::time::timeout(WAIT, token)
+            .await
+            .expect("no IQ answer in time")
+            .expect("IQ failed")
+    }
+
     /// Available presence with optional `<show/>` and status.
     pub async fn set_presence(&mut self, show: Option<Show>, status: Option<&str>) {
         let mut p = Presence::available();

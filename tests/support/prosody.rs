@@ -35,6 +35,7 @@ pub struct Builder {
     domain: String,
     plaintext: bool,
     users: Vec<(String, String)>,
+    cert_names: Option<Vec<String>>,
 }
 
 impl Default for Builder {
@@ -43,6 +44,7 @@ impl Default for Builder {
             domain: DOMAIN.to_owned(),
             plaintext: false,
             users: Vec::new(),
+            cert_names: None,
         }
     }
 }
@@ -59,6 +61,13 @@ impl Builder {
         self
     }
 
+    /// Serve a certificate for these names instead of the domain (and
+    /// `localhost`), to test name checks.
+    pub fn certificate_for(mut self, names: &[&str]) -> Self {
+        self.cert_names = Some(names.iter().map(|n| n.to_string()).collect());
+        self
+    }
+
     /// Register `user@domain` before the server starts.
     pub fn user(mut self, user: &str, password: &str) -> Self {
         self.users.push((user.to_owned(), password.to_owned()));
@@ -72,7 +81,11 @@ impl Builder {
             .tempdir()
             .expect("temp dir");
         let ca = TestCa::new("popivr test CA");
-        ca.write_server_cert(&self.domain, dir.path());
+        let names = self
+            .cert_names
+            .clone()
+            .unwrap_or_else(|| vec![self.domain.clone(), "localhost".to_owned()]);
+        ca.write_server_cert(&names, dir.path());
         fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write ca.pem");
         fs::create_dir_all(dir.path().join("data")).expect("data dir");
         fs::create_dir_all(dir.path().join("certs")).expect("certs dir");
@@ -444,11 +457,18 @@ impl TestCa {
         &self.pem
     }
 
-    /// Write `server.pem` and `server.key` for `domain` into `dir`.
-    pub fn write_server_cert(&self, domain: &str, dir: &Path) {
-        let mut params = CertificateParams::new(vec![domain.to_owned(), "localhost".to_owned()])
-            .expect("server params");
-        params.distinguished_name.push(DnType::CommonName, domain);
+    /// Write the CA certificate to `path`.
+    pub fn write_pem(&self, path: &Path) {
+        fs::write(path, &self.pem).expect("write CA PEM");
+    }
+
+    /// Write `server.pem` and `server.key` for `names` into `dir`.
+    pub fn write_server_cert(&self, names: &[String], dir: &Path) {
+        let mut params = CertificateParams::new(names.to_vec()).expect("server params");
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().map(String::as_str).unwrap_or("x"),
+        );
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
