@@ -3,8 +3,8 @@
 //!
 //! Trust is the account's `ca_file` (if any) plus the system roots. Reading
 //! and parsing the system store costs milliseconds, which matters on a
-//! per-call login, so it is done at most once per process and only when
-//! needed: with a `ca_file`, the server is first checked against that CA
+//! per-call login, so it is done at most once per process, only when
+//! needed, and from the distribution's bundle file alone when there is one: with a `ca_file`, the server is first checked against that CA
 //! alone, and the system roots are consulted only if it was not the issuer.
 //! Without a `ca_file` the store is loaded in the background while the TCP
 //! connection and the first stream round trips are under way.
@@ -36,15 +36,11 @@ fn system_verifier() -> Result<Arc<WebPkiServerVerifier>, String> {
     static SYSTEM: OnceLock<Result<Arc<WebPkiServerVerifier>, String>> = OnceLock::new();
     SYSTEM
         .get_or_init(|| {
-            let loaded = rustls_native_certs::load_native_certs();
+            let (certs, error) = system_certificates();
             let mut roots = RootCertStore::empty();
-            let (added, _ignored) = roots.add_parsable_certificates(loaded.certs);
+            let (added, _ignored) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                let why = loaded
-                    .errors
-                    .first()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default();
+                let why = error.map(|e| format!(": {e}")).unwrap_or_default();
                 return Err(format!("no system CA certificates found{why}"));
             }
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
@@ -52,6 +48,40 @@ fn system_verifier() -> Result<Arc<WebPkiServerVerifier>, String> {
                 .map_err(|e| format!("system CA certificates: {e}"))
         })
         .clone()
+}
+
+/// The distribution's CA bundle files, in the order OpenSSL's probing
+/// would find them.
+const BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Arch, Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",   // Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",             // openSUSE
+    "/etc/ssl/cert.pem",                  // Alpine, BSDs
+];
+
+/// The system's CA certificates.
+///
+/// rustls-native-certs reads the bundle file *and* every file in
+/// /etc/ssl/certs: 16 ms here, against 1.4 ms for the bundle alone, which
+/// the distribution generates from the same set (`update-ca-certificates`).
+/// So read just the bundle when there is one, and leave everything else,
+/// including an explicit `SSL_CERT_FILE`/`SSL_CERT_DIR`, to the crate.
+fn system_certificates() -> (Vec<CertificateDer<'static>>, Option<String>) {
+    let overridden =
+        std::env::var_os("SSL_CERT_FILE").is_some() || std::env::var_os("SSL_CERT_DIR").is_some();
+    if !overridden {
+        for bundle in BUNDLES {
+            let Ok(iter) = CertificateDer::pem_file_iter(bundle) else {
+                continue;
+            };
+            let certs: Vec<_> = iter.filter_map(Result::ok).collect();
+            if !certs.is_empty() {
+                return (certs, None);
+            }
+        }
+    }
+    let loaded = rustls_native_certs::load_native_certs();
+    (loaded.certs, loaded.errors.first().map(|e| e.to_string()))
 }
 
 /// Start loading the system roots on a blocking thread, so a handshake
