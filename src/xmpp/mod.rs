@@ -52,8 +52,8 @@ impl XmppEvent {
 /// reading, and then the session waits instead of buffering without end.
 const EVENT_QUEUE: usize = 64;
 
-/// A running session. Dropping it ends the session abruptly (no stream
-/// footer); prefer [`Session::close`].
+/// A running session. Dropping it also ends the session, but in the
+/// background; [`Session::close`] waits until it is over.
 #[derive(Debug)]
 pub struct Session {
     cmds: mpsc::UnboundedSender<session::Cmd>,

@@ -93,7 +93,7 @@ pub(crate) async fn run(
     )
     .await
     .err()
-    .map(End::Failed);
+    .map(lost);
     if end.is_none()
         && events
             .send(XmppEvent::Status(XmppStatus::Online))
