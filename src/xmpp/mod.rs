@@ -9,6 +9,10 @@
 //! One session is one login attempt: a failure (or, later, a broken link)
 //! is reported once as `XmppStatus::Failed(cause)` and the session ends.
 //! There are no background reconnects.
+//!
+//! Logging: this module logs at `debug` and never the secret. Do not enable
+//! `trace` for the `tokio_xmpp` target: at that level it logs the raw
+//! stream, SASL exchange included.
 
 mod error;
 mod login;
