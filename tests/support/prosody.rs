@@ -74,6 +74,11 @@ impl Builder {
         self
     }
 
+    /// Start the server and wait until it listens.
+    ///
+    /// Call it from the test's own thread (not `spawn_blocking`): prosody
+    /// is tied to the spawning thread's life so that a killed test process
+    /// cannot leave it running.
     pub fn start(self) -> Prosody {
         ensure_installed();
         let dir = tempfile::Builder::new()
