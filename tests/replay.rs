@@ -4,11 +4,18 @@
 //!
 //! Also checks the runner itself against a small stand-in child.
 
+#[path = "support/replay_agents.rs"]
+mod replay_agents;
+mod support;
+
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use popivr::sim::replay::{Failure, Runner};
+use popivr::sim::replay::{Failure, Outcome, Runner};
 use popivr::sim::script::Script;
+use replay_agents::{Plan, XmppWorld};
+use support::TestAgent;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_tests() {
@@ -27,14 +34,44 @@ async fn protocol_tests() {
         "no protocol-tests/*.eivr matches {filter:?}"
     );
 
+    // What each script needs from XMPP; one prosody serves them all.
+    let jobs: Vec<Job> = files.iter().map(|f| Job::read(f)).collect();
+    let (xmpp, plain): (Vec<_>, Vec<_>) = jobs
+        .into_iter()
+        .enumerate()
+        .partition(|(_, j): &(usize, Job)| j.uses_xmpp());
     let program = PathBuf::from(env!("CARGO_BIN_EXE_popivr"));
-    let runs: Vec<_> = files
-        .iter()
-        .map(|file| {
-            let (file, runner) = (file.clone(), Runner::new(&program));
-            tokio::spawn(async move { runner.run_file(&file).await })
-        })
+    let spawn = |job: Job, world: Option<Arc<XmppWorld>>| {
+        let runner = Runner::new(&program);
+        tokio::spawn(async move { job.run(runner, world.as_deref()).await })
+    };
+    // The others run while the server starts (this blocks only the test's
+    // own thread, which prosody's life is tied to).
+    let mut runs: Vec<_> = plain
+        .into_iter()
+        .map(|(i, job)| (i, spawn(job, None)))
         .collect();
+    let world = match xmpp.is_empty() {
+        true => None,
+        false => {
+            let plans = xmpp
+                .iter()
+                .filter_map(|(_, j)| j.plan.as_ref().ok()?.as_ref());
+            let world = Arc::new(XmppWorld::start(plans));
+            println!(
+                "replay: prosody with the accounts of {} scripts up in {:.1}s",
+                xmpp.len(),
+                world.startup_time().as_secs_f64()
+            );
+            Some(world)
+        }
+    };
+    runs.extend(
+        xmpp.into_iter()
+            .map(|(i, job)| (i, spawn(job, world.clone()))),
+    );
+    runs.sort_by_key(|(i, _)| *i);
+    let runs = runs.into_iter().map(|(_, run)| run);
 
     let mut failures = Vec::new();
     for (file, run) in files.iter().zip(runs) {
@@ -62,6 +99,59 @@ async fn protocol_tests() {
         files.len(),
         failures.join("\n")
     );
+    drop(world);
+}
+
+/// One script file and its XMPP plan.
+struct Job {
+    name: String,
+    text: Result<String, Failure>,
+    plan: Result<Option<Plan>, Failure>,
+}
+
+impl Job {
+    fn read(file: &Path) -> Job {
+        let name = file.display().to_string();
+        let fail = |line, message| Failure {
+            name: name.clone(),
+            line,
+            message,
+            transcript: None,
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| fail(0, e.to_string()));
+        // Scripts of one run share a server: the file's stem keeps their
+        // accounts apart.
+        let prefix = file.file_stem().unwrap().to_string_lossy().to_lowercase();
+        let plan = match &text {
+            Ok(t) => Plan::for_script(&name, t, &prefix).map_err(|e| fail(e.line, e.message)),
+            Err(_) => Ok(None),
+        };
+        Job { name, text, plan }
+    }
+
+    /// Needs the XMPP server (a plan that could not be made fails on its
+    /// own, without one).
+    fn uses_xmpp(&self) -> bool {
+        matches!(self.plan, Ok(Some(_)))
+    }
+
+    async fn run(self, mut runner: Runner, world: Option<&XmppWorld>) -> Result<Outcome, Failure> {
+        let mut text = self.text?;
+        if let Some(plan) = self.plan? {
+            let world = world.expect("a server for every plan");
+            text = plan.fill(world, &text);
+            for ext in plan.extensions(world) {
+                runner = runner.with_extension(ext);
+            }
+        }
+        let script = Script::parse(&self.name, &text).map_err(|e| Failure {
+            name: e.name,
+            line: e.line,
+            message: e.message,
+            transcript: None,
+        })?;
+        runner.run(&script).await
+    }
 }
 
 /// A stand-in for popivr: hold audio from its first argument, key 1 →
@@ -188,6 +278,11 @@ fn every_protocol_test_parses() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|x| x == "eivr") {
             Script::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let name = path.display().to_string();
+            if let Err(e) = Plan::for_script(&name, &text, "x") {
+                panic!("{name}:{}: {}", e.line, e.message);
+            }
         }
     }
 }
@@ -199,4 +294,144 @@ async fn timing_steps_wait() {
     let started = std::time::Instant::now();
     run_inline(script).await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(500));
+}
+
+// The XMPP steps themselves, against a stand-in child and a test client
+// that logs in with popivr's account and plays its part.
+
+/// A script for the stand-in: the call ends with `close`.
+const AGENTS: &str = r#"
+call: STAND_IN(moh/a)
+sound: moh/a 5s
+ignore: *
+expect-within: 10s
+agent alice receives: Call from 555*
+agent alice says: 1
+agent alice says-delayed: 2
+agent bob receives-nothing: 300ms
+close
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_steps_talk_to_popivrs_account() {
+    let variants = [
+        ("steps-ok", AGENTS.to_string()),
+        (
+            "steps-glob",
+            AGENTS.replace("receives: Call from 555*", "receives: Call from 666*"),
+        ),
+        (
+            "steps-left",
+            AGENTS.replace("agent alice receives: Call from 555*\n", ""),
+        ),
+    ];
+    let plans: Vec<(String, Plan)> = variants
+        .iter()
+        .map(|(prefix, text)| {
+            let text = text.replace("STAND_IN", &stand_in().display().to_string());
+            let plan = Plan::for_script(prefix, &text, prefix)
+                .unwrap_or_else(|e| panic!("{prefix}:{}: {}", e.line, e.message))
+                .expect("the script uses XMPP");
+            (text, plan)
+        })
+        .collect();
+    let world = Arc::new(XmppWorld::start(plans.iter().map(|(_, p)| p)));
+
+    let runs: Vec<_> = plans
+        .into_iter()
+        .map(|(text, plan)| {
+            let world = world.clone();
+            tokio::spawn(async move {
+                // popivr's part: a test client on its account pops alice
+                // (stored if she is not online yet) and keeps what comes.
+                let (user, password) = plan.popivr_login();
+                let mut popivr = TestAgent::login(world.server(), &user, &password).await;
+                popivr
+                    .send_chat(&plan.fill(&world, "{{JID:alice}}"), "Call from 5551234")
+                    .await;
+                let mut runner = Runner::new("/nonexistent");
+                for ext in plan.extensions(&world) {
+                    runner = runner.with_extension(ext);
+                }
+                let script = Script::parse("inline.eivr", &plan.fill(&world, &text)).unwrap();
+                let result = runner.run(&script).await.map(drop);
+                (result, popivr, plan.fill(&world, "{{JID:alice}}"))
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for run in runs {
+        results.push(run.await.expect("no panic"));
+    }
+
+    let (ok, mut popivr, alice) = results.remove(0);
+    if let Err(f) = ok {
+        panic!("{f}");
+    }
+    // What alice said reached popivr's bare JID in order, the delayed one
+    // with its XEP-0203 mark.
+    let from_alice = |m: &xmpp_parsers::message::Message| {
+        m.from
+            .as_ref()
+            .is_some_and(|j| j.to_bare().to_string() == alice)
+    };
+    let delayed = |m: &xmpp_parsers::message::Message| {
+        m.payloads.iter().any(|p| p.is("delay", "urn:xmpp:delay"))
+    };
+    let first = popivr.expect_message(from_alice).await;
+    assert_eq!((support::body(&first), delayed(&first)), (Some("1"), false));
+    let second = popivr.expect_message(from_alice).await;
+    assert_eq!(
+        (support::body(&second), delayed(&second)),
+        (Some("2"), true)
+    );
+
+    let (glob, _, _) = results.remove(0);
+    let f = glob.unwrap_err();
+    assert_eq!(f.line, 6, "{f}");
+    assert!(f.message.contains("got `Call from 5551234`"), "{f}");
+    assert!(f.to_string().contains("agent alice got from"), "{f}");
+
+    let (left, _, _) = results.remove(0);
+    let f = left.unwrap_err();
+    assert!(
+        f.message.contains("no step expected: `Call from 5551234`"),
+        "{f}"
+    );
+}
+
+#[test]
+fn xmpp_plans_check_their_lines() {
+    let plan = |text: &str| Plan::for_script("p.eivr", text, "p");
+    let err = |text: &str| plan(text).unwrap_err();
+    let base = "call: popivr(a)\n";
+    assert!(plan(&format!("{base}key: 1\n")).unwrap().is_none());
+    assert!(
+        plan(&format!("{base}agent alice says: 1\n"))
+            .unwrap()
+            .is_some()
+    );
+
+    let e = err(&format!("{base}key: 1\nagent alice shouts: 1\n"));
+    assert_eq!(e.line, 3);
+    assert!(e.message.contains("shouts"), "{}", e.message);
+    let e = err(&format!("{base}agent Alice says: 1\n"));
+    assert!(e.message.contains("Alice"), "{}", e.message);
+    let e = err(&format!("{base}agent alice receives-nothing: soon\n"));
+    assert_eq!(e.line, 2);
+    let e = err(&format!("{base}agent alice says-as-type: loud 1\n"));
+    assert!(e.message.contains("loud"), "{}", e.message);
+    let e = err(&format!("{base}key: 1\noffline alice says: 1\n"));
+    assert!(
+        e.message.contains("before every other step"),
+        "{}",
+        e.message
+    );
+    let e = err(&format!("{base}var-is: X = {{{{PORTS}}}}\n"));
+    assert!(e.message.contains("PORTS"), "{}", e.message);
+    // Secrets stay in the config block (steps are shown in transcripts).
+    let e = err(&format!("{base}stderr-lacks: *{{{{POPIVR_SECRET}}}}*\n"));
+    assert_eq!(e.line, 2);
+    let config = "config:\n  secret = {{POPIVR_SECRET}}\nend\n";
+    assert!(plan(&format!("{config}{base}")).unwrap().is_some());
 }
