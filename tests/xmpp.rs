@@ -515,6 +515,33 @@ async fn messages_sent_during_login_go_out_once_online() {
 }
 
 #[tokio::test]
+async fn secret_is_absent_from_every_error_and_debug_dump() {
+    let server = server();
+    let good = server.account("pbx", PBX_PW);
+    let mut cases: Vec<Account> = Vec::new();
+    let mut wrong_pw = good.clone();
+    wrong_pw.secret = "Wrong-But-Still-Secret-55".into();
+    cases.push(wrong_pw);
+    let mut untrusted = good.clone();
+    untrusted.ca_file = None;
+    cases.push(untrusted);
+    let mut refused = good.clone();
+    refused.port = free_port();
+    cases.push(refused);
+    let mut plaintext = good.clone();
+    plaintext.usetls = false;
+    cases.push(plaintext);
+    for account in &cases {
+        let err = xmpp::login(account).await.expect_err("must fail");
+        let dump = format!("{err} {err:?} {account:?}");
+        assert!(!dump.contains(&account.secret), "leak in {dump}");
+        assert_no_secret(&dump, account);
+    }
+    let conn = xmpp::login(&good).await.expect("login");
+    assert_no_secret(&format!("{conn:?}"), &good);
+}
+
+#[tokio::test]
 async fn harness_starts_quickly() {
     // Not a speed assertion (that belongs in benches/login.rs): a sanity
     // bound that would catch a start-up that waits on a timeout.
