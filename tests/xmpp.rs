@@ -139,9 +139,11 @@ async fn serverhost_name_is_resolved() {
 
 #[tokio::test]
 async fn two_logins_of_one_account_coexist() {
-    // Concurrent calls share an account; neither may kick the other.
+    // Concurrent calls share an account, here with a fixed resource as in
+    // `username = pbx@example.org/desk`; neither may kick the other.
     let server = server();
-    let account = server.account("pbx", PBX_PW);
+    let mut account = server.account("pbx", PBX_PW);
+    account.username = format!("{}/desk", server.jid("pbx"));
     let mut first = online(&account).await;
     let second = online(&account).await;
     second.close().await;
