@@ -160,7 +160,7 @@ impl TestAgent {
         }
     }
 
-    /// The next message with a body that `pred` accepts; panics after
+    /// The next message that `pred` accepts; panics after
     /// [`WAIT`].
     pub async fn expect_message(&mut self, pred: impl Fn(&Message) -> bool) -> Message {
         self.next_message_within(WAIT, pred)
