@@ -34,9 +34,11 @@ impl From<Cmd> for Command {
             Cmd::SetVars(v) => Command::SetVars(v),
             Cmd::GetVars(n) => Command::GetVars(n),
             Cmd::Answer => Command::Answer,
-            Cmd::SendDtmf(digits, interval_ms, duration_ms) => {
-                Command::SendDtmf { digits, interval_ms, duration_ms }
-            }
+            Cmd::SendDtmf(digits, interval_ms, duration_ms) => Command::SendDtmf {
+                digits,
+                interval_ms,
+                duration_ms,
+            },
             Cmd::Log(m) => Command::Log(m),
             Cmd::GetParams => Command::GetParams,
             Cmd::Exit(m) => Command::Exit(m),
@@ -55,7 +57,10 @@ fuzz_target!(|cmd: Cmd| {
     assert!(body.trim_ascii().len() >= 3, "{line:?}");
     if let Command::SetVars(vars) = &cmd {
         let data = body.trim_ascii().strip_prefix("V,").expect("V line");
-        let got: Vec<&str> = data.split(',').map(|p| p.split_once('=').map_or(p, |(n, _)| n)).collect();
+        let got: Vec<&str> = data
+            .split(',')
+            .map(|p| p.split_once('=').map_or(p, |(n, _)| n))
+            .collect();
         let want: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
         // Whole assignments may be dropped at the end, never renamed.
         assert!(!got.is_empty() && want.starts_with(&got), "{line:?}");
