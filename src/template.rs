@@ -173,17 +173,6 @@ fn render_with(template: &str, values: &Values, insert: impl Fn(&mut String, &st
     out
 }
 
-/// Characters that reorder or hide text: the bidi embeddings, overrides and
-/// isolates, the direction marks, and a few invisible format characters.
-fn is_bidi_or_format(c: char) -> bool {
-    matches!(c,
-        '\u{200E}' | '\u{200F}' | '\u{061C}'
-        | '\u{202A}'..='\u{202E}'
-        | '\u{2066}'..='\u{2069}'
-        | '\u{FEFF}'
-        | '\u{FFF9}'..='\u{FFFB}')
-}
-
 /// Cleans a value for insertion into `buf`: line breaks and tabs become a
 /// space, other control and bidi/format characters go, and the result is
 /// cut to [`MAX_VALUE_CHARS`].
@@ -196,7 +185,8 @@ fn clean_into(value: &str, buf: &mut String) {
         }
         let c = match c {
             '\t' | '\n' | '\r' | '\u{2028}' | '\u{2029}' | '\u{85}' => ' ',
-            c if c.is_control() || is_bidi_or_format(c) => continue,
+            // The wire's own list: control, bidi and invisible format characters.
+            c if crate::eivr::is_unsafe(c) => continue,
             c => c,
         };
         buf.push(c);
@@ -332,6 +322,14 @@ mod tests {
             caller_name: caller_name.into(),
             ..Values::default()
         }
+    }
+
+    #[test]
+    fn invisible_characters_are_removed_as_on_the_wire() {
+        // Zero-width and word-joiner characters can hide text from an agent
+        // just as bidi overrides can: one list serves the wire and the pops.
+        let v = named("Bo\u{200B}b\u{2060} Sm\u{202E}ith\u{FEFF}");
+        assert_eq!(render("$caller_name$", &v), "Bob Smith");
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod write;
 
 pub use parse::{MAX_EVENT_LINE, ParseError, parse_event};
 pub use reader::LineReader;
+pub(crate) use write::is_unsafe;
 pub use write::{MAX_LINE, WireError, clean_text, render, sanitize_value, valid_var_name};
 
 /// At most this many bytes of an offending line are quoted in an error.

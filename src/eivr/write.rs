@@ -103,7 +103,7 @@ pub fn valid_var_name(name: &str) -> bool {
 /// Unicode format characters that reorder or hide text in a log or an IM
 /// client: bidi embeddings, overrides, isolates and marks, zero-width
 /// characters, line/paragraph separators, the BOM and tag characters.
-fn is_unsafe(c: char) -> bool {
+pub(crate) fn is_unsafe(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
