@@ -145,9 +145,12 @@ impl Shell {
                     }
                 }
                 Output::Connect => self.connect(),
-                Output::Send(msg) => self
-                    .log
-                    .warn(&format!("IM to {} not sent: no XMPP session", msg.to)),
+                Output::Send(msg) => match &self.xmpp {
+                    Some(session) => session.send(msg),
+                    None => self
+                        .log
+                        .warn(&format!("IM to {} not sent: no XMPP session", msg.to)),
+                },
                 Output::SetTimer(id, after) => {
                     self.timers.insert(id, Instant::now() + after);
                 }
