@@ -323,7 +323,7 @@ async fn run(server: &Prosody, conf: &Path, plan: &Plan) -> Report {
         hello.push(child_hello(conf));
     }
     report.row(
-        "exec → first line of this bench's own binary (start-up part of the fresh-process floor)",
+        "exec → first line, bench binary (floor's start-up)",
         hello,
         Goal::None,
     );
@@ -462,8 +462,10 @@ impl Asterisk {
         let pid = self.pid;
         let (after, status, maxrss) = tokio::task::spawn_blocking(move || {
             let writer = stdin.lock().expect("stdin lock").take();
-            drop(writer);
+            // Timed from just before the close: taken after it, a
+            // preemption between the two would hide the exit entirely.
             let closed = Instant::now();
+            drop(writer);
             let mut status = 0;
             // SAFETY: a zeroed rusage is a valid out-parameter.
             let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
