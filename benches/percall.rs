@@ -2,7 +2,7 @@
 //! per call as Asterisk starts it, against a throw-away prosody on
 //! 127.0.0.1 and a logged-in test agent. Results: BENCHMARKS.md.
 //!
-//!     cargo bench --bench percall        # the full run, about 2 minutes
+//!     cargo bench --bench percall        # the full run, 1-2 minutes
 //!
 //! One run measures, each over many calls (medians and p90, never single
 //! times: the machines are shared and noisy):
