@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use popivr::sim::replay::{Failure, Outcome, Runner};
 use popivr::sim::script::Script;
-use replay_agents::{Plan, XmppWorld};
+use replay_agents::{AgentThread, Plan, XmppWorld};
 use support::TestAgent;
+use xmpp_parsers::message::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_tests() {
@@ -345,17 +346,23 @@ async fn agent_steps_talk_to_popivrs_account() {
                 // popivr's part: a test client on its account pops alice
                 // (stored if she is not online yet) and keeps what comes.
                 let (user, password) = plan.popivr_login();
-                let mut popivr = TestAgent::login(world.server(), &user, &password).await;
-                popivr
-                    .send_chat(&plan.fill(&world, "{{JID:alice}}"), "Call from 5551234")
-                    .await;
+                let (server, alice) = (world.server().clone(), plan.fill(&world, "{{JID:alice}}"));
+                let thread = AgentThread::next();
+                let popivr = thread
+                    .run("popivr's stand-in", async move {
+                        let mut popivr = TestAgent::login(&server, &user, &password).await;
+                        popivr.send_chat(&alice, "Call from 5551234").await;
+                        popivr
+                    })
+                    .await
+                    .unwrap();
                 let mut runner = Runner::new("/nonexistent");
                 for ext in plan.extensions(&world) {
                     runner = runner.with_extension(ext);
                 }
                 let script = Script::parse("inline.eivr", &plan.fill(&world, &text)).unwrap();
                 let result = runner.run(&script).await.map(drop);
-                (result, popivr, plan.fill(&world, "{{JID:alice}}"))
+                (result, (popivr, thread), plan.fill(&world, "{{JID:alice}}"))
             })
         })
         .collect();
@@ -364,23 +371,27 @@ async fn agent_steps_talk_to_popivrs_account() {
         results.push(run.await.expect("no panic"));
     }
 
-    let (ok, mut popivr, alice) = results.remove(0);
+    let (ok, (mut popivr, thread), alice) = results.remove(0);
     if let Err(f) = ok {
         panic!("{f}");
     }
     // What alice said reached popivr's bare JID in order, the delayed one
     // with its XEP-0203 mark.
-    let from_alice = |m: &xmpp_parsers::message::Message| {
-        m.from
-            .as_ref()
-            .is_some_and(|j| j.to_bare().to_string() == alice)
-    };
-    let delayed = |m: &xmpp_parsers::message::Message| {
-        m.payloads.iter().any(|p| p.is("delay", "urn:xmpp:delay"))
-    };
-    let first = popivr.expect_message(from_alice).await;
+    let (first, second) = thread
+        .run("popivr's stand-in", async move {
+            let from_alice = |m: &Message| {
+                m.from
+                    .as_ref()
+                    .is_some_and(|j| j.to_bare().to_string() == alice)
+            };
+            let first = popivr.expect_message(from_alice).await;
+            let second = popivr.expect_message(from_alice).await;
+            (first, second)
+        })
+        .await
+        .unwrap();
+    let delayed = |m: &Message| m.payloads.iter().any(|p| p.is("delay", "urn:xmpp:delay"));
     assert_eq!((support::body(&first), delayed(&first)), (Some("1"), false));
-    let second = popivr.expect_message(from_alice).await;
     assert_eq!(
         (support::body(&second), delayed(&second)),
         (Some("2"), true)
@@ -391,6 +402,12 @@ async fn agent_steps_talk_to_popivrs_account() {
     assert_eq!(f.line, 6, "{f}");
     assert!(f.message.contains("got `Call from 5551234`"), "{f}");
     assert!(f.to_string().contains("agent alice got from"), "{f}");
+    // It comes with what the server saw of the script's accounts.
+    assert!(
+        f.message.contains("Authenticated as steps-glob.alice@")
+            && !f.message.contains("Authenticated as steps-ok"),
+        "{f}"
+    );
 
     let (left, _, _) = results.remove(0);
     let f = left.unwrap_err();

@@ -19,6 +19,7 @@
 //! later step, whoever says it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::hash::BuildHasher;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -393,7 +394,7 @@ impl XmppWorld {
         self.server.startup_time()
     }
 
-    pub fn server(&self) -> &Prosody {
+    pub fn server(&self) -> &Arc<Prosody> {
         &self.server
     }
 }
@@ -447,6 +448,8 @@ struct AgentSteps {
 struct Live {
     agent: TestAgent,
     bare: String,
+    /// The thread it logged in on, and must be used on.
+    thread: AgentThread,
     barriers: u64,
     /// popivr's full JID, from the last IM the agent got from it.
     popivr_full: Option<String>,
@@ -485,22 +488,68 @@ impl Live {
     }
 }
 
-/// Where agents log in. A login spends a good part of a CPU on SCRAM's key
-/// stretching (more so in a debug build); done on the runtime that runs the
-/// simulators, several at once would hold up their frame clocks and pipes
-/// for that long. Here it takes at most one core, and the simulators keep
-/// theirs. The agents' sockets stay registered with this runtime, which
-/// lives as long as the test process.
-fn login_runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("replay-agents")
-            .enable_all()
-            .build()
-            .expect("agent runtime")
-    })
+/// One of the threads the test agents live on, each in a single-threaded
+/// runtime of its own. An agent is used only on the thread it logged in on,
+/// for two reasons:
+/// - tokio-xmpp 6.0's `Client` loses a wake-up when its background task
+///   polls for incoming stanzas on one thread while the test sends on
+///   another (`StanzaReceiver::poll_next` answers `Pending` without a waker
+///   when `try_lock` finds the sender holding the lock). The agent then
+///   never sees another stanza. On one thread the two never overlap.
+/// - A login spends a good part of a CPU on SCRAM's key stretching (more so
+///   in a debug build). Here the logins keep to their own threads, and the
+///   simulators, on the test's runtime, keep its workers for their frame
+///   clocks and pipes.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentThread(usize);
+
+/// How many agent threads: two, so a busy machine still gives the logins
+/// a fair share of its time.
+const AGENT_THREADS: usize = 2;
+
+impl AgentThread {
+    /// The threads in turn.
+    pub fn next() -> AgentThread {
+        static N: AtomicU64 = AtomicU64::new(0);
+        AgentThread(N.fetch_add(1, Ordering::Relaxed) as usize % AGENT_THREADS)
+    }
+
+    /// Run `work` on this thread and wait for it; a panic there becomes an
+    /// error naming `what`.
+    pub async fn run<T: Send + 'static>(
+        self,
+        what: &str,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, String> {
+        self.handle()
+            .spawn(work)
+            .await
+            .map_err(|e| format!("{what}: {}", panic_text(e)))
+    }
+
+    fn handle(self) -> &'static tokio::runtime::Handle {
+        static HANDLES: OnceLock<Vec<tokio::runtime::Handle>> = OnceLock::new();
+        let handles = HANDLES.get_or_init(|| (0..AGENT_THREADS).map(agent_runtime).collect());
+        &handles[self.0]
+    }
+}
+
+/// Start agent thread `n`; it lives as long as the test process.
+fn agent_runtime(n: usize) -> tokio::runtime::Handle {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("replay-agents-{n}"))
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("agent runtime");
+            tx.send(runtime.handle().clone())
+                .expect("agent runtime handle");
+            runtime.block_on(std::future::pending::<()>());
+        })
+        .expect("agent thread");
+    rx.recv().expect("agent runtime handle")
 }
 
 /// The sender's bare JID.
@@ -510,33 +559,50 @@ fn sender(m: &Message) -> Option<String> {
 
 impl AgentSteps {
     async fn login_all(&mut self) -> Result<(), String> {
-        let logins: Vec<_> = self
-            .users
-            .iter()
-            .map(|(name, user)| {
-                let (server, name, user) = (self.server.clone(), name.clone(), user.clone());
-                let task = login_runtime().spawn(async move {
-                    TestAgent::login(&server, &user.local, &user.password).await
-                });
-                (name, task)
-            })
-            .collect();
-        for (name, task) in logins {
-            let agent = task
-                .await
-                .map_err(|e| format!("agent {name} could not log in: {}", panic_text(e)))?;
+        let logins = self.users.iter().map(|(name, user)| {
+            let (server, user, thread) = (self.server.clone(), user.clone(), AgentThread::next());
+            let what = format!("agent {name}: login");
+            async move {
+                let work =
+                    async move { TestAgent::login(&server, &user.local, &user.password).await };
+                let agent = thread.run(&what, work).await?;
+                Ok::<_, String>((name.clone(), agent, thread))
+            }
+        });
+        for login in futures::future::join_all(logins).await {
+            let (name, agent, thread) = login?;
             let bare = agent.bare();
             self.online.insert(
                 name,
                 Live {
                     agent,
                     bare,
+                    thread,
                     barriers: 0,
                     popivr_full: None,
                 },
             );
         }
         Ok(())
+    }
+
+    /// Run `work` with agent `name` on its thread.
+    async fn with_agent<T: Send + 'static, F>(
+        &mut self,
+        name: &str,
+        work: impl FnOnce(Live) -> F,
+    ) -> Result<T, String>
+    where
+        F: Future<Output = (Live, T)> + Send + 'static,
+    {
+        let live = self
+            .online
+            .remove(name)
+            .ok_or_else(|| format!("agent {name} is not logged in"))?;
+        let thread = live.thread;
+        let (live, result) = thread.run(&format!("agent {name}"), work(live)).await?;
+        self.online.insert(name.to_string(), live);
+        Ok(result)
     }
 
     /// Where prosody keeps the offline messages of popivr's account.
@@ -549,14 +615,32 @@ impl AgentSteps {
             .join(format!("{}.list", datamanager_name(&self.popivr.local)))
     }
 
+    /// `name` sends `msg` and waits until the server has routed it.
+    async fn send_as(&mut self, name: &str, msg: TestMessage) -> Result<(), String> {
+        self.with_agent(name, |mut live| async move {
+            let result = live.send(msg).await;
+            (live, result)
+        })
+        .await?
+    }
+
+    /// The next IM to `name`, waiting up to `within`.
+    async fn next_im_of(
+        &mut self,
+        name: &str,
+        within: Duration,
+    ) -> Result<Option<Message>, String> {
+        self.with_agent(name, move |mut live| async move {
+            let m = live.next_im(within).await;
+            (live, m)
+        })
+        .await
+    }
+
     async fn send_offline(&mut self) -> Result<(), String> {
         for (name, text) in self.offline.clone() {
-            let to = self.popivr_bare.clone();
-            let live = self
-                .online
-                .get_mut(&name)
-                .expect("every named agent is online");
-            live.send(TestMessage::chat(&to, &text))
+            let msg = TestMessage::chat(&self.popivr_bare, &text);
+            self.send_as(&name, msg)
                 .await
                 .map_err(|e| format!("offline {name}: {e}"))?;
         }
@@ -573,14 +657,13 @@ impl AgentSteps {
     async fn step(&mut self, ext: &ExtStep, sim: &Sim, within: Duration) -> Result<(), String> {
         let (name, verb) = agent_words(ext)?;
         let popivr = self.popivr_bare.clone();
-        let live = self
-            .online
-            .get_mut(name)
-            .ok_or_else(|| format!("agent {name} is not logged in"))?;
+        if !self.online.contains_key(name) {
+            return Err(format!("agent {name} is not logged in"));
+        }
         match verb {
             "receives" => {
                 let glob = Glob::new(&ext.arg)?;
-                let Some(m) = live.next_im(within).await else {
+                let Some(m) = self.next_im_of(name, within).await? else {
                     return Err(format!(
                         "agent {name} got no IM within {within:?} (wanted one matching `{glob}`)"
                     ));
@@ -594,7 +677,9 @@ impl AgentSteps {
                         escape(text)
                     ));
                 }
-                live.popivr_full = m.from.as_ref().map(|j| j.to_string());
+                if let Some(live) = self.online.get_mut(name) {
+                    live.popivr_full = m.from.as_ref().map(|j| j.to_string());
+                }
                 if !glob.matches(text) {
                     return Err(format!(
                         "agent {name}: expected an IM matching `{glob}`, got `{}`",
@@ -605,7 +690,7 @@ impl AgentSteps {
             }
             "receives-nothing" => {
                 let span = parse_duration(&ext.arg)?;
-                match live.next_im(span).await {
+                match self.next_im_of(name, span).await? {
                     None => Ok(()),
                     Some(m) => {
                         let text = escape(body(&m).unwrap_or_default());
@@ -616,30 +701,31 @@ impl AgentSteps {
                 }
             }
             "says" => {
-                live.send(TestMessage::chat(&popivr, &unescape(&ext.arg)?))
-                    .await
+                let msg = TestMessage::chat(&popivr, &unescape(&ext.arg)?);
+                self.send_as(name, msg).await
             }
             "says-delayed" => {
                 let msg = TestMessage::chat(&popivr, &unescape(&ext.arg)?).delayed();
-                live.send(msg).await
+                self.send_as(name, msg).await
             }
             "says-as-type" => {
                 // To the full JID: the server itself drops or bounces error
                 // and groupchat messages to a bare JID.
-                let Some(full) = live.popivr_full.clone() else {
+                let full = self.online.get(name).and_then(|l| l.popivr_full.clone());
+                let Some(full) = full else {
                     return Err(format!(
                         "agent {name} has no IM from popivr yet, so no full JID to send to"
                     ));
                 };
                 let (kind, text) = split_first(&ext.arg)?;
                 let msg = TestMessage::chat(&full, &unescape(text)?).kind(message_type(kind)?);
-                live.send(msg).await
+                self.send_as(name, msg).await
             }
             "says-wrapped" => {
                 let (wrapper, text) = split_first(&ext.arg)?;
                 let msg =
                     TestMessage::chat(&popivr, &unescape(text)?).wrapped(wrapper_kind(wrapper)?);
-                live.send(msg).await
+                self.send_as(name, msg).await
             }
             other => Err(format!("unknown agent step `{other}`")),
         }
@@ -647,9 +733,10 @@ impl AgentSteps {
 
     async fn check_end(&mut self, sim: &Sim) -> Result<(), String> {
         let mut problems = Vec::new();
-        for (name, live) in &mut self.online {
+        let names: Vec<String> = self.online.keys().cloned().collect();
+        for name in names {
             let mut wait = LATE_GRACE;
-            while let Some(m) = live.next_im(wait).await {
+            while let Some(m) = self.next_im_of(&name, wait).await? {
                 let text = escape(body(&m).unwrap_or_default());
                 let from = sender(&m).unwrap_or_default();
                 sim.note(format!("agent {name} got from {from}: {text}"));
@@ -672,14 +759,41 @@ impl AgentSteps {
         {
             problems.push("an account secret appears in the transcript".into());
         }
-        for (_, live) in std::mem::take(&mut self.online) {
-            live.agent.close().await;
+        let closes = std::mem::take(&mut self.online)
+            .into_values()
+            .map(|live| live.thread.run("closing an agent", live.agent.close()));
+        for closed in futures::future::join_all(closes).await {
+            closed?;
         }
         match problems.is_empty() {
             true => Ok(()),
             false => Err(problems.join("; ")),
         }
     }
+}
+
+/// prosody's log lines about the sessions of `prefix`'s accounts (to
+/// explain a failed step: a dropped connection, a failed login).
+fn server_log_for(server: &Prosody, prefix: &str) -> String {
+    let log = server.log();
+    let session = |line: &str| line.split_whitespace().nth(3).map(str::to_string);
+    let ours = [
+        format!("Authenticated as {prefix}@"),
+        format!("Authenticated as {prefix}."),
+    ];
+    let ids: BTreeSet<String> = log
+        .lines()
+        .filter(|l| ours.iter().any(|o| l.contains(o.as_str())))
+        .filter_map(session)
+        .collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| session(l).is_some_and(|s| ids.contains(&s)))
+        .collect();
+    format!(
+        "prosody's log for these accounts:\n    {}",
+        lines.join("\n    ")
+    )
 }
 
 /// How prosody's datamanager names a file: every byte that is not a
@@ -725,11 +839,17 @@ impl Extension for AgentSteps {
         sim: &'a mut Sim,
         within: Duration,
     ) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move { self.step(step, sim, within).await })
+        Box::pin(async move {
+            let result = self.step(step, sim, within).await;
+            result.map_err(|e| format!("{e}\n{}", server_log_for(&self.server, &self.popivr.local)))
+        })
     }
 
     fn finish<'a>(&'a mut self, sim: &'a mut Sim) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move { self.check_end(sim).await })
+        Box::pin(async move {
+            let result = self.check_end(sim).await;
+            result.map_err(|e| format!("{e}\n{}", server_log_for(&self.server, &self.popivr.local)))
+        })
     }
 }
 
