@@ -16,7 +16,8 @@
 //! steps end with a round trip through the server (the agent messages
 //! itself and waits for it), so when the step is over the server has routed
 //! the message: what an agent says reaches popivr before anything said in a
-//! later step, whoever says it.
+//! later step, whoever says it. The agents run on threads of their own
+//! ([`AgentThread`] says why).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
