@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use popivr::call::Level;
-use popivr::config::{self, Config};
+use popivr::config;
 use popivr::logging::Logger;
 
 /// Interactive screen pops for Asterisk: the caller hears hold audio while
@@ -90,7 +90,7 @@ fn with_default_subcommand(mut argv: Vec<OsString>) -> Vec<OsString> {
 }
 
 fn run(path: &std::path::Path, profile: &str, args: &[String], log: Logger) -> Result<()> {
-    let config = load(path)?;
+    let config = config::load_file(path)?;
     let profile = config
         .profiles
         .get(profile)
@@ -105,13 +105,8 @@ fn run(path: &std::path::Path, profile: &str, args: &[String], log: Logger) -> R
     std::process::exit(0)
 }
 
-fn load(path: &std::path::Path) -> Result<Config> {
-    let config = config::load_file(path)?;
-    Ok(config)
-}
-
 fn check(path: &std::path::Path, offline: bool) -> Result<()> {
-    let config = load(path)?;
+    let config = config::load_file(path)?;
     println!("{}: configuration is valid", path.display());
     for w in &config.warnings {
         println!("warning: {w}");

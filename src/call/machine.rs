@@ -156,10 +156,6 @@ impl Call {
         template::render(template, &values)
     }
 
-    pub fn data(&self) -> &CallData {
-        &self.data
-    }
-
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done
     }
