@@ -8,4 +8,5 @@ pub mod logging;
 pub mod run;
 pub mod sim;
 pub mod template;
+pub mod testbed;
 pub mod xmpp;

@@ -1,0 +1,91 @@
+//! A certificate authority made at run time, for a throw-away server.
+
+use std::fs;
+use std::path::Path;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// A certificate authority made at run time. Its key lives only in memory;
+/// server certificates it signs are written next to the server's config.
+pub struct TestCa {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for TestCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out of Debug output.
+        f.debug_struct("TestCa").finish_non_exhaustive()
+    }
+}
+
+impl TestCa {
+    /// A new self-signed CA named `name`.
+    pub fn new(name: &str) -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("CA cert");
+        TestCa {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// Write the CA certificate to `path`.
+    pub fn write_pem(&self, path: &Path) {
+        fs::write(path, &self.pem).expect("write CA PEM");
+    }
+
+    /// Write `server.pem` and `server.key` for `names` into `dir`.
+    pub fn write_server_cert(&self, names: &[String], dir: &Path) {
+        self.try_write_server_cert(names, dir)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// [`write_server_cert`](Self::write_server_cert) that reports
+    /// failures instead of panicking.
+    pub fn try_write_server_cert(&self, names: &[String], dir: &Path) -> Result<(), super::Error> {
+        let err = |what: &str, e: &dyn std::fmt::Display| super::Error::new(format!("{what}: {e}"));
+        let mut params =
+            CertificateParams::new(names.to_vec()).map_err(|e| err("server certificate", &e))?;
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().map(String::as_str).unwrap_or("x"),
+        );
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().map_err(|e| err("server key", &e))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| err("server certificate", &e))?;
+        fs::write(dir.join("server.pem"), cert.pem()).map_err(|e| err("write server.pem", &e))?;
+        write_private(&dir.join("server.key"), key.serialize_pem())
+            .map_err(|e| err("write server.key", &e))?;
+        Ok(())
+    }
+}
+
+/// Write a file only its owner can read.
+fn write_private(path: &Path, contents: String) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_bytes())
+}

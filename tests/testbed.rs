@@ -1,0 +1,73 @@
+//! The library's throw-away prosody (`popivr::testbed`): the parts tests
+//! of other features rely on beyond plain logins — the multi-user chat
+//! service and extra virtual hosts.
+
+mod support;
+
+use popivr::testbed::Prosody;
+use popivr::xmpp;
+use support::TestAgent;
+use tokio_xmpp::{IqRequest, IqResponse};
+use xmpp_parsers::minidom::Element;
+
+const PW: &str = "testbed-Secret-4e1d";
+
+/// A local user may create a room on `conference.<domain>`, become its
+/// owner and make it expose real JIDs.
+#[tokio::test]
+async fn a_user_creates_a_non_anonymous_room() {
+    let server = Prosody::builder().user("alice", PW).start();
+    assert_eq!(server.muc_domain(), "conference.popivr.test");
+    let mut alice = TestAgent::login(&server, "alice", PW).await;
+
+    let room = format!("desk@{}", server.muc_domain());
+    alice
+        .send_raw(&format!(
+            "<presence xmlns='jabber:client' to='{room}/alice'>\
+               <x xmlns='http://jabber.org/protocol/muc'/></presence>"
+        ))
+        .await;
+    // Only the room's owner may configure it, so a result proves that the
+    // join created the room and made alice its owner.
+    let form: Element = "<query xmlns='http://jabber.org/protocol/muc#owner'>\
+           <x xmlns='jabber:x:data' type='submit'>\
+             <field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
+             <field var='muc#roomconfig_whois'><value>anyone</value></field>\
+           </x></query>"
+        .parse()
+        .unwrap();
+    match alice.iq(&room, IqRequest::Set(form)).await {
+        IqResponse::Result(_) => {}
+        IqResponse::Error(e) => panic!("room configuration refused: {e:?}\n{}", server.log()),
+    }
+    alice.close().await;
+}
+
+/// A second virtual host serves its own users, and its name is in the
+/// server certificate (popivr's login verifies it against the test CA).
+#[tokio::test]
+async fn a_second_host_serves_its_own_users() {
+    let server = Prosody::builder()
+        .host("popivr.testing")
+        .user("alice", PW)
+        .user_on("popivr.testing", "alice", PW)
+        .start();
+    assert_eq!(server.hosts(), ["popivr.testing".to_string()]);
+    let look_alike = server.account_on("popivr.testing", "alice", PW);
+    let conn = xmpp::login(&look_alike)
+        .await
+        .unwrap_or_else(|e| panic!("login on the second host: {e}\n{}", server.log()));
+    assert_eq!(conn.jid.domain().as_str(), "popivr.testing");
+
+    let main = xmpp::login(&server.account("alice", PW))
+        .await
+        .expect("main host");
+    assert_eq!(main.jid.domain().as_str(), "popivr.test");
+
+    // Users are per host: added later, on the second host only.
+    server.add_user_on("popivr.testing", "bob", PW);
+    xmpp::login(&server.account_on("popivr.testing", "bob", PW))
+        .await
+        .expect("bob on the second host");
+    assert!(xmpp::login(&server.account("bob", PW)).await.is_err());
+}
