@@ -1,21 +1,43 @@
-//! The per-call shell: Asterisk on stdin/stdout, one XMPP client, one
-//! [`Call`]. It decides nothing; it carries inputs to the call and its
-//! outputs to the world.
+//! The call driver every shell shares: one [`Call`], Asterisk's line
+//! protocol on any reader/writer pair (stdin/stdout for a per-call process,
+//! a TCP socket under `popivr serve`) and an XMPP [`Link`]. It decides
+//! nothing; it carries inputs to the call and its outputs to the world.
+//!
+//! [`run_call`] is the per-call shell: stdin/stdout, its own XMPP session,
+//! signals end it. `serve` drives each connection with [`drive`] and a
+//! link into its shared session.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::io::Write;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use anyhow::Result;
-use tokio::io::BufReader;
-use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tokio::io::{AsyncBufRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
-use crate::call::{Call, Input, Output, TimerId};
+use crate::call::{Call, Input, OutgoingMessage, Output, TimerId};
 use crate::config::{Account, Config, Profile};
-use crate::eivr::{self, Command, LineReader};
+use crate::eivr::{self, EventLine, LineReader};
 use crate::logging::Logger;
 use crate::xmpp;
+
+/// Events read ahead of the call. The reader waits when the call is this
+/// far behind, which only happens while a command write is stuck (and that
+/// is bounded by [`WRITE_TIMEOUT`]).
+const EVENT_QUEUE: usize = 32;
+
+/// A command write that takes longer means Asterisk stopped reading: the
+/// call is over. Asterisk reads between audio frames, so a healthy channel
+/// never comes near this.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Malformed event lines logged per call; the rest are only counted.
+const MALFORMED_LOGGED: usize = 5;
 
 /// Run one call on stdin/stdout until it is over. Returns once the call is
 /// done; the caller exits the process.
@@ -28,56 +50,18 @@ pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
         agent_values,
         args,
     } = setup;
-    let mut call = Call::new(profile, id, args).with_agent_values(agent_values);
-    let (tx, mut rx) = unbounded_channel();
-    let mut out = Stdout;
-
-    // Audio first: the hold commands go out before anything else is started.
-    let first = call.start();
-    let mut shell = Shell {
-        log,
-        timers: HashMap::new(),
+    let call = Call::new(profile, id, args).with_agent_values(agent_values);
+    let (stop, control) = watch::channel(Control::Run);
+    // Spawned tasks run once the driver first waits, so the hold audio is
+    // written before the signal handlers are even installed.
+    spawn_signal_watch(stop);
+    let events = LineReader::new(BufReader::new(tokio::io::stdin()));
+    let link = OwnSession {
         account,
-        xmpp: None,
+        session: None,
     };
-    if !shell.apply(first, &mut out) {
-        return Ok(());
-    }
-    spawn_stdin_reader(tx.clone(), shell.log.clone());
-    spawn_signal_watch(tx);
-
-    loop {
-        let next_timer = shell
-            .timers
-            .iter()
-            .min_by_key(|(_, at)| **at)
-            .map(|(id, at)| (*id, *at));
-        let input = tokio::select! {
-            biased;
-            Some(ev) = recv_xmpp(&mut shell.xmpp) => match ev.into_input() {
-                Some(input) => input,
-                None => continue,
-            },
-            msg = rx.recv() => match msg {
-                Some(ShellInput::Call(input)) => input,
-                Some(ShellInput::Stop(why)) => {
-                    shell.log.info(&format!("stopping: {why}"));
-                    break;
-                }
-                None => Input::Closed,
-            },
-            _ = sleep(next_timer.map(|(_, at)| at)) => {
-                let id = next_timer.expect("a timer fired").0;
-                shell.timers.remove(&id);
-                Input::Timer(id)
-            }
-        };
-        let outputs = call.handle(input);
-        if !shell.apply(outputs, &mut out) || call.is_done() {
-            break;
-        }
-    }
-    shell.close().await;
+    let end = drive(call, Vec::new(), events, Stdout, link, control, &log).await;
+    log.debug(&format!("call over: {end}"));
     Ok(())
 }
 
@@ -108,49 +92,186 @@ impl CallSetup {
                 false => config.account_for(profile).cloned(),
             },
             agent_values,
-            args: args
-                .iter()
-                .filter_map(|a| a.split_once('='))
-                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
-                .collect(),
+            args: parse_args(args),
         }
     }
 }
 
-/// What reaches the shell's loop.
-pub(crate) enum ShellInput {
-    Call(Input),
+/// The `key=value` program arguments; anything else is ignored.
+pub fn parse_args(args: &[String]) -> Vec<(String, String)> {
+    args.iter()
+        .filter_map(|a| a.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .collect()
+}
+
+/// What a shell tells a running call from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Run,
+    /// Take the default action now (or leave a playing prompt now): the
+    /// shell is shutting down and the call's own timers are too far off.
+    Expire,
+    /// Stop at once without another word to Asterisk.
     Stop(&'static str),
 }
 
-struct Shell {
-    log: Logger,
-    timers: HashMap<TimerId, Instant>,
-    account: Option<Account>,
-    xmpp: Option<xmpp::Session>,
+/// Why [`drive`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The call core said so (`E`/`H` answered, hangup, input closed).
+    Done,
+    /// Asterisk can no longer be written to.
+    Unwritable,
+    /// [`Control::Stop`].
+    Stopped(&'static str),
 }
 
-impl Shell {
-    /// Carry out the outputs in order. `false` once the call is over or
-    /// Asterisk can no longer be written to.
-    fn apply(&mut self, outputs: Vec<Output>, out: &mut Stdout) -> bool {
-        let mut go_on = true;
-        for output in outputs {
-            match output {
-                Output::Command(cmd) => {
-                    if let Err(e) = out.send(&cmd, &self.log) {
-                        self.log
-                            .info(&format!("Asterisk's side is closed ({e}); ending the call"));
-                        return false;
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Done => f.write_str("done"),
+            End::Unwritable => f.write_str("Asterisk's side is closed"),
+            End::Stopped(why) => write!(f, "stopped ({why})"),
+        }
+    }
+}
+
+/// The XMPP side of one call, as the driver uses it.
+pub trait Link: Send {
+    /// `Output::Connect`: start, or join, the XMPP session.
+    fn connect(&mut self, log: &Logger);
+    /// `Output::Send`.
+    fn send(&mut self, msg: OutgoingMessage, log: &Logger);
+    /// The call has taken its action (described by `outcome`).
+    fn decided(&mut self, _outcome: &str) {}
+    /// The next XMPP input for the call; pends for ever when none can come.
+    /// Must be cancel-safe: it sits in a `select!`.
+    fn recv(&mut self) -> impl Future<Output = Input> + Send;
+    /// The call is over.
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// Run `call` to its end: its first outputs (the hold audio) go out before
+/// anything else starts, then events from `events`, XMPP inputs from
+/// `link`, timers and `control` are fed to it in turn. `early` are events
+/// read before the call existed; they are handed to it right after its
+/// start.
+pub async fn drive<R, W, L>(
+    mut call: Call,
+    early: Vec<EventLine>,
+    events: LineReader<R>,
+    mut out: W,
+    link: L,
+    mut control: watch::Receiver<Control>,
+    log: &Logger,
+) -> End
+where
+    R: AsyncBufRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
+    L: Link,
+{
+    let mut shell = Shell {
+        log,
+        timers: HashMap::new(),
+        link,
+        decided: false,
+        buf: Vec::new(),
+    };
+    // Audio first: the hold commands go out before anything else is started.
+    let first = call.start();
+    if let Err(end) = shell.apply(&call, first, &mut out).await {
+        shell.link.close().await;
+        return end;
+    }
+    let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
+    let reader = tokio::spawn(read_events(events, tx, log.clone()));
+    let mut pending: Vec<Input> = early.into_iter().map(Input::Event).collect();
+    let mut control_open = true;
+    let end = 'call: loop {
+        for input in pending.drain(..) {
+            let outputs = call.handle(input);
+            if let Err(end) = shell.apply(&call, outputs, &mut out).await {
+                break 'call end;
+            }
+            if call.is_done() {
+                break 'call End::Done;
+            }
+        }
+        let next_timer = shell
+            .timers
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(id, at)| (*id, *at));
+        tokio::select! {
+            biased;
+            input = shell.link.recv() => pending.push(input),
+            event = rx.recv() => pending.push(event.unwrap_or(Input::Closed)),
+            _ = sleep(next_timer.map(|(_, at)| at)) => {
+                let id = next_timer.expect("a timer fired").0;
+                shell.timers.remove(&id);
+                pending.push(Input::Timer(id));
+            }
+            changed = control.changed(), if control_open => {
+                if changed.is_err() {
+                    control_open = false;
+                    continue;
+                }
+                let now = *control.borrow_and_update();
+                match now {
+                    Control::Run => {}
+                    Control::Stop(why) => break 'call End::Stopped(why),
+                    Control::Expire => {
+                        shell.log.info("shutting down: taking the default action now");
+                        for id in [TimerId::Reply, TimerId::Prompt] {
+                            shell.timers.remove(&id);
+                            pending.push(Input::Timer(id));
+                        }
                     }
                 }
-                Output::Connect => self.connect(),
-                Output::Send(msg) => match &self.xmpp {
-                    Some(session) => session.send(msg),
-                    None => self
-                        .log
-                        .warn(&format!("IM to {} not sent: no XMPP session", msg.to)),
+            }
+        }
+    };
+    // The reader may sit in a read that never ends; it holds the input.
+    reader.abort();
+    shell.link.close().await;
+    end
+}
+
+struct Shell<'a, L> {
+    log: &'a Logger,
+    timers: HashMap<TimerId, Instant>,
+    link: L,
+    /// The link has been told the call took its action.
+    decided: bool,
+    /// Command lines of one batch of outputs, written together.
+    buf: Vec<u8>,
+}
+
+impl<L: Link> Shell<'_, L> {
+    /// Carry out the outputs in order; commands are written together at
+    /// the end (each one a flushed line is no quicker for Asterisk, which
+    /// reads them one by one anyway). `Err` once the call is over or
+    /// Asterisk can no longer be written to.
+    async fn apply<W: AsyncWrite + Unpin>(
+        &mut self,
+        call: &Call,
+        outputs: Vec<Output>,
+        out: &mut W,
+    ) -> Result<(), End> {
+        let mut done = false;
+        self.buf.clear();
+        for output in outputs {
+            match output {
+                Output::Command(cmd) => match eivr::render(&cmd) {
+                    Ok(line) => {
+                        self.log.debug(&format!("> {}", line.trim_end()));
+                        self.buf.extend_from_slice(line.as_bytes());
+                    }
+                    Err(e) => self.log.error(&format!("command not sent: {e}")),
                 },
+                Output::Connect => self.link.connect(self.log),
+                Output::Send(msg) => self.link.send(msg, self.log),
                 Output::SetTimer(id, after) => {
                     self.timers.insert(id, Instant::now() + after);
                 }
@@ -158,38 +279,71 @@ impl Shell {
                     self.timers.remove(&id);
                 }
                 Output::Log(level, text) => self.log.at(level, &text),
-                Output::Done => go_on = false,
+                Output::Done => done = true,
             }
         }
-        go_on
-    }
-
-    fn connect(&mut self) {
-        match self.account.take() {
-            Some(account) => self.xmpp = Some(xmpp::spawn(account)),
-            None => self.log.error("the profile has targets but no account"),
+        if !self.decided
+            && let Some(outcome) = call.outcome()
+        {
+            self.decided = true;
+            self.link.decided(outcome);
         }
-    }
-
-    async fn close(self) {
-        if let Some(session) = self.xmpp {
-            session.close().await;
+        if !self.buf.is_empty() {
+            let write = async {
+                out.write_all(&self.buf).await?;
+                out.flush().await
+            };
+            let result = match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                Ok(result) => result,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("Asterisk read nothing for {WRITE_TIMEOUT:?}"),
+                )),
+            };
+            if let Err(e) = result {
+                self.log
+                    .info(&format!("Asterisk's side is closed ({e}); ending the call"));
+                return Err(End::Unwritable);
+            }
+        }
+        match done {
+            true => Err(End::Done),
+            false => Ok(()),
         }
     }
 }
 
-/// The next XMPP event; pends for ever without a session.
-async fn recv_xmpp(session: &mut Option<xmpp::Session>) -> Option<xmpp::XmppEvent> {
-    match session {
-        Some(s) => {
-            let ev = s.recv().await;
-            if ev.is_none() {
-                // The session task is gone: stop polling it.
-                *session = None;
+/// Drain the events on their own task, whatever the call is doing:
+/// Asterisk writes events from the channel's thread, and a full pipe or
+/// socket would freeze the caller's audio.
+async fn read_events<R: AsyncBufRead + Unpin>(
+    mut reader: LineReader<R>,
+    tx: mpsc::Sender<Input>,
+    log: Logger,
+) {
+    let mut malformed = 0usize;
+    loop {
+        match reader.next_event().await {
+            Ok(Some(Ok(event))) => {
+                log.debug(&format!("< {}", event.to_wire().trim_end()));
+                if tx.send(Input::Event(event)).await.is_err() {
+                    return;
+                }
             }
-            ev
+            Ok(Some(Err(e))) => {
+                malformed += 1;
+                if malformed <= MALFORMED_LOGGED {
+                    log.warn(&format!("event line skipped: {e}"));
+                }
+                if malformed == MALFORMED_LOGGED {
+                    log.warn("further malformed event lines are skipped silently");
+                }
+            }
+            Ok(None) | Err(_) => {
+                let _ = tx.send(Input::Closed).await;
+                return;
+            }
         }
-        None => std::future::pending().await,
     }
 }
 
@@ -200,51 +354,75 @@ async fn sleep(at: Option<Instant>) {
     }
 }
 
-/// Commands go straight to fd 1, flushed one by one: Asterisk acts on each
-/// line as it arrives.
-struct Stdout;
+/// The per-call link: a session of the call's own, started when the core
+/// says `Connect`.
+struct OwnSession {
+    account: Option<Account>,
+    session: Option<xmpp::Session>,
+}
 
-impl Stdout {
-    fn send(&mut self, cmd: &Command, log: &Logger) -> std::io::Result<()> {
-        let line = match eivr::render(cmd) {
-            Ok(line) => line,
-            Err(e) => {
-                log.error(&format!("command not sent: {e}"));
-                return Ok(());
+impl Link for OwnSession {
+    fn connect(&mut self, log: &Logger) {
+        match self.account.take() {
+            Some(account) => self.session = Some(xmpp::spawn(account)),
+            None => log.error("the profile has targets but no account"),
+        }
+    }
+
+    fn send(&mut self, msg: OutgoingMessage, log: &Logger) {
+        match &self.session {
+            Some(session) => session.send(msg),
+            None => log.warn(&format!("IM to {} not sent: no XMPP session", msg.to)),
+        }
+    }
+
+    async fn recv(&mut self) -> Input {
+        loop {
+            let Some(session) = &mut self.session else {
+                return std::future::pending().await;
+            };
+            match session.recv().await {
+                Some(event) => {
+                    if let Some(input) = event.into_input() {
+                        return input;
+                    }
+                }
+                // The session task is gone: stop polling it.
+                None => self.session = None,
             }
-        };
-        log.debug(&format!("> {}", line.trim_end()));
-        let mut stdout = std::io::stdout().lock();
-        stdout.write_all(line.as_bytes())?;
-        stdout.flush()
+        }
+    }
+
+    async fn close(self) {
+        if let Some(session) = self.session {
+            session.close().await;
+        }
     }
 }
 
-/// Drain stdin on its own task, whatever the call is doing: Asterisk
-/// writes events from the channel's thread, and a full pipe would freeze
-/// the caller's audio.
-fn spawn_stdin_reader(tx: UnboundedSender<ShellInput>, log: Logger) {
-    tokio::spawn(async move {
-        let mut reader = LineReader::new(BufReader::new(tokio::io::stdin()));
-        loop {
-            match reader.next_event().await {
-                Ok(Some(Ok(event))) => {
-                    log.debug(&format!("< {}", event.to_wire().trim_end()));
-                    if tx.send(ShellInput::Call(Input::Event(event))).is_err() {
-                        return;
-                    }
-                }
-                Ok(Some(Err(e))) => log.warn(&format!("event line skipped: {e}")),
-                Ok(None) | Err(_) => {
-                    let _ = tx.send(ShellInput::Call(Input::Closed));
-                    return;
-                }
-            }
-        }
-    });
+/// Commands go straight to fd 1: a pipe Asterisk always reads, so the
+/// write does not need the runtime's blocking pool.
+struct Stdout;
+
+impl AsyncWrite for Stdout {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(std::io::stdout().lock().write(buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(std::io::stdout().lock().flush())
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_flush(cx)
+    }
 }
 
-fn spawn_signal_watch(tx: UnboundedSender<ShellInput>) {
+fn spawn_signal_watch(control: watch::Sender<Control>) {
     use tokio::signal::unix::{SignalKind, signal};
     tokio::spawn(async move {
         let (Ok(mut term), Ok(mut hup), Ok(mut int)) = (
@@ -259,7 +437,7 @@ fn spawn_signal_watch(tx: UnboundedSender<ShellInput>) {
             _ = hup.recv() => "SIGHUP",
             _ = int.recv() => "SIGINT",
         };
-        let _ = tx.send(ShellInput::Stop(why));
+        let _ = control.send(Control::Stop(why));
     });
 }
 

@@ -160,6 +160,12 @@ impl Call {
         self.phase == Phase::Done
     }
 
+    /// The action taken, once one was (`sent to desk`, `hung up` …): a
+    /// shell with many calls stops counting this one as waiting.
+    pub fn outcome(&self) -> Option<&str> {
+        self.outcome.as_deref()
+    }
+
     /// The first outputs of the call: hold audio first of all, then the
     /// variable reads, the XMPP login and the reply timer.
     pub fn start(&mut self) -> Vec<Output> {
