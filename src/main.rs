@@ -1,67 +1,164 @@
+mod check;
+mod demo;
+
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use popivr::call::Level;
 use popivr::config;
 use popivr::logging::Logger;
 
-/// Interactive screen pops for Asterisk: the caller hears hold audio while
-/// agents get an XMPP message and steer the call with their reply.
+/// Interactive screen pops for Asterisk over XMPP.
 ///
-/// Asterisk starts popivr once per call:
-///   ExternalIVR(/usr/bin/popivr(PROFILE[,key=value...]),OPTIONS)
-/// which is the same as `popivr run PROFILE [key=value...]`.
+/// While a caller hears hold audio, popivr sends the call's details to
+/// agents as an instant message; the agent's reply ("1", "2", "fwd 2001")
+/// decides where the call goes next. Asterisk starts popivr once per call
+/// with ExternalIVR, program arguments inside the parentheses:
+///
+///   exten => 100,n,ExternalIVR(/usr/bin/popivr(sales,queue=eu))
+///
+/// which runs `popivr sales queue=eu`, the same as `popivr run sales
+/// queue=eu`. popivr then sets POPIVR_ACTION (and POPIVR_REPLY,
+/// POPIVR_AGENT, POPIVR_TARGET) for the dialplan to act on.
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(
+    name = "popivr",
+    version,
+    about,
+    long_about,
+    after_help = "Try it: `popivr demo` runs one call end to end on this machine.",
+    after_long_help = "\
+EXAMPLES:
+    popivr demo                  one call end to end with a throw-away XMPP server
+    popivr check                 validate /etc/asterisk/popivr.conf and log in
+    popivr --config my.conf check --offline
+    popivr sales queue=eu        what ExternalIVR(/usr/bin/popivr(sales,queue=eu)) runs
+
+LOGS:
+    Log lines go to stderr, one per event: `popivr[CALL]: LEVEL: text`. Under
+    ExternalIVR Asterisk copies them into its log as NOTICEs prefixed `stderr:`.
+    Warnings and errors by default; -v adds the call's steps, -vv the whole
+    ExternalIVR conversation, -q leaves only errors. POPIVR_LOG sets the base
+    level where argv is awkward. Secrets are never logged.
+
+FILES:
+    /etc/asterisk/popivr.conf    the configuration (see popivr.conf.sample)"
+)]
 struct Cli {
     /// Configuration file.
-    #[arg(long, global = true, env = "POPIVR_CONFIG", default_value = config::DEFAULT_PATH)]
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "POPIVR_CONFIG",
+        default_value = config::DEFAULT_PATH
+    )]
     config: PathBuf,
 
-    /// More log lines on stderr (-v info, -vv debug). Warnings and errors always.
+    /// More log lines on stderr: -v info (pops, replies, actions),
+    /// -vv debug (every ExternalIVR line). Repeatable.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+
+    /// Fewer log lines on stderr: -q errors only.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    quiet: u8,
+
+    /// Base log level, before -v and -q.
+    #[arg(
+        long,
+        global = true,
+        value_name = "LEVEL",
+        env = "POPIVR_LOG",
+        default_value = "warn",
+        hide_env_values = true
+    )]
+    log_level: LogLevel,
 
     #[command(subcommand)]
     command: Cmd,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Handle one call on stdin/stdout (what Asterisk's ExternalIVR runs).
+    ///
+    /// The word `run` may be left out: `popivr sales` is `popivr run sales`.
+    /// Commands go to stdout, events come on stdin, logs go to stderr.
+    /// popivr exits when Asterisk closes stdin, on SIGTERM or SIGHUP, and
+    /// after its own E or H.
     Run {
         /// The profile section of the configuration.
         profile: String,
-        /// `key=value` values for the templates (`${key}`).
+        /// `key=value` values for the texts (`${key}`). Others are ignored.
         args: Vec<String>,
     },
-    /// Validate the configuration, log in with each account a profile uses,
-    /// and report what it finds. Exit status 0 only if all is well.
+    /// Check the configuration and the XMPP accounts; exit 1 on a problem.
+    ///
+    /// Validates the file (every problem with file:line), warns about
+    /// risky settings, logs in with each account a profile uses and
+    /// reports TLS and authentication results. Secrets are never printed.
     Check {
         /// Only validate the file; don't log in.
         #[arg(long)]
         offline: bool,
     },
+    /// Run one call end to end on this machine and show both sides.
+    ///
+    /// Starts a throw-away prosody on 127.0.0.1 (installing the Debian
+    /// package with apt-get when missing: root or sudo), registers a
+    /// popivr account and an agent, runs the real popivr binary under a
+    /// simulated Asterisk with an embedded configuration, and has a
+    /// scripted agent reply to the pop. Prints the caller's audio
+    /// commands, the pop as the agent sees it, the reply and the action,
+    /// with times. Leaves nothing running. Ignores --config.
+    Demo {
+        /// What the agent replies: 1 (desk), 2 (voicemail, with a prompt),
+        /// `fwd 2001` (forward), h (hang up), or anything else (help text,
+        /// then the timeout after 30 s).
+        #[arg(long, default_value = "1", value_name = "TEXT")]
+        reply: String,
+        /// Seconds the agent takes to reply after the pop.
+        #[arg(long, default_value = "1.5", value_name = "SECONDS")]
+        think: f64,
+        /// Also print the configuration the call runs with (secret masked).
+        #[arg(long)]
+        show_config: bool,
+    },
+    /// Print the man page (roff) on stdout.
+    #[command(hide = true)]
+    Man,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(with_default_subcommand(std::env::args_os().collect()));
-    let level = match cli.verbose {
-        0 => Level::Warn,
-        1 => Level::Info,
-        _ => Level::Debug,
-    };
-    let log = Logger::new("popivr", level);
+    let log = Logger::new("popivr", level(&cli));
     let result = match cli.command {
         Cmd::Run { profile, args } => run(&cli.config, &profile, &args, log.clone()),
-        Cmd::Check { offline } => check(&cli.config, offline),
+        Cmd::Check { offline } => check::check(&cli.config, offline),
+        Cmd::Demo {
+            reply,
+            think,
+            show_config,
+        } => demo(reply, think, show_config),
+        Cmd::Man => man(),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             log.error(&format!("{e:#}"));
             ExitCode::FAILURE
@@ -69,17 +166,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// The stderr log level: the base level moved up by -v and down by -q.
+fn level(cli: &Cli) -> Level {
+    const ORDER: [Level; 4] = [Level::Error, Level::Warn, Level::Info, Level::Debug];
+    let base = cli.log_level as i32;
+    let i = (base + i32::from(cli.verbose) - i32::from(cli.quiet)).clamp(0, 3);
+    ORDER[i as usize]
+}
+
 /// Asterisk passes the profile as the first argument: `popivr sales ...`
 /// means `popivr run sales ...`.
 fn with_default_subcommand(mut argv: Vec<OsString>) -> Vec<OsString> {
-    const KNOWN: &[&str] = &["run", "check", "help"];
+    let cli = Cli::command();
+    let known: Vec<&str> = cli
+        .get_subcommands()
+        .flat_map(|c| std::iter::once(c.get_name()).chain(c.get_all_aliases()))
+        .chain(["help"])
+        .collect();
+    // Options that take a value as the next argument.
+    let with_value: Vec<String> = cli
+        .get_arguments()
+        .filter(|a| a.get_action().takes_values())
+        .flat_map(|a| {
+            let long = a.get_long().map(|l| format!("--{l}"));
+            let short = a.get_short().map(|s| format!("-{s}"));
+            long.into_iter().chain(short)
+        })
+        .collect();
     let mut i = 1;
     while let Some(arg) = argv.get(i).and_then(|a| a.to_str()) {
         match arg {
-            "--config" => i += 2,
+            a if with_value.iter().any(|w| w == a) => i += 2,
             "--" => return argv,
             a if a.starts_with('-') => i += 1,
-            a if KNOWN.contains(&a) => return argv,
+            a if known.contains(&a) => return argv,
             _ => {
                 argv.insert(i, "run".into());
                 return argv;
@@ -89,7 +209,7 @@ fn with_default_subcommand(mut argv: Vec<OsString>) -> Vec<OsString> {
     argv
 }
 
-fn run(path: &std::path::Path, profile: &str, args: &[String], log: Logger) -> Result<()> {
+fn run(path: &std::path::Path, profile: &str, args: &[String], log: Logger) -> Result<ExitCode> {
     let config = config::load_file(path)?;
     let profile = config
         .profiles
@@ -105,59 +225,75 @@ fn run(path: &std::path::Path, profile: &str, args: &[String], log: Logger) -> R
     std::process::exit(0)
 }
 
-fn check(path: &std::path::Path, offline: bool) -> Result<()> {
-    let config = config::load_file(path)?;
-    println!("{}: configuration is valid", path.display());
-    for w in &config.warnings {
-        println!("warning: {w}");
+fn demo(reply: String, think: f64, show_config: bool) -> Result<ExitCode> {
+    let think = Duration::try_from_secs_f64(think)
+        .ok()
+        .filter(|d| *d <= Duration::from_secs(60))
+        .context("--think takes seconds from 0 to 60")?;
+    demo::main(demo::Options {
+        script: demo::Script { reply, think },
+        show_config,
+    })
+}
+
+fn man() -> Result<ExitCode> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut out)
+        .context("cannot render the man page")?;
+    use std::io::Write;
+    std::io::stdout()
+        .write_all(&out)
+        .context("cannot write the man page")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
     }
-    for (name, p) in &config.profiles {
-        println!(
-            "profile [{name}]: {} target(s), {} reply rule(s), {} key(s), timeout {:?}",
-            p.targets.len(),
-            p.replies.len(),
-            p.keys.len(),
-            p.timeout
+
+    #[test]
+    fn a_profile_first_means_run() {
+        assert_eq!(
+            with_default_subcommand(argv(&["popivr", "sales", "queue=eu"])),
+            argv(&["popivr", "run", "sales", "queue=eu"])
+        );
+        assert_eq!(
+            with_default_subcommand(argv(&["popivr", "-v", "--config", "x.conf", "sales"])),
+            argv(&["popivr", "-v", "--config", "x.conf", "run", "sales"])
+        );
+        assert_eq!(
+            with_default_subcommand(argv(&["popivr", "-c", "x.conf", "check"])),
+            argv(&["popivr", "-c", "x.conf", "check"])
+        );
+        assert_eq!(
+            with_default_subcommand(argv(&["popivr", "--log-level", "info", "demo"])),
+            argv(&["popivr", "--log-level", "info", "demo"])
         );
     }
-    if config.profiles.is_empty() {
-        bail!("{} defines no profile", path.display());
-    }
-    let used: std::collections::BTreeSet<&str> = config
-        .profiles
-        .values()
-        .filter(|p| !p.targets.is_empty())
-        .map(|p| p.account.as_str())
-        .collect();
-    if offline || used.is_empty() {
-        return Ok(());
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    let mut failed = 0;
-    for name in used {
-        let Some(account) = config.accounts.get(name) else {
-            continue;
+
+    #[test]
+    fn verbosity_moves_the_base_level() {
+        let level_of = |args: &[&str]| {
+            let cli = Cli::try_parse_from(with_default_subcommand(argv(args))).unwrap();
+            level(&cli)
         };
-        let server = account.serverhost.as_deref().unwrap_or("the JID's domain");
-        match rt.block_on(popivr::xmpp::login(account)) {
-            Ok(conn) => println!(
-                "account [{name}]: logged in as {} via {server}:{} ({}, {})",
-                conn.jid, account.port, conn.mechanism, conn.timings
-            ),
-            Err(e) => {
-                failed += 1;
-                println!(
-                    "account [{name}]: login FAILED via {server}:{}: {e}",
-                    account.port
-                );
-            }
-        }
+        assert_eq!(level_of(&["popivr", "sales"]), Level::Warn);
+        assert_eq!(level_of(&["popivr", "-v", "sales"]), Level::Info);
+        assert_eq!(level_of(&["popivr", "-vvv", "sales"]), Level::Debug);
+        assert_eq!(level_of(&["popivr", "-q", "sales"]), Level::Error);
+        assert_eq!(
+            level_of(&["popivr", "--log-level", "info", "-q", "sales"]),
+            Level::Warn
+        );
     }
-    if failed > 0 {
-        bail!("{failed} account(s) could not log in");
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
     }
-    Ok(())
 }

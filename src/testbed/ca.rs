@@ -71,21 +71,8 @@ impl TestCa {
             .signed_by(&key, &self.issuer)
             .map_err(|e| err("server certificate", &e))?;
         fs::write(dir.join("server.pem"), cert.pem()).map_err(|e| err("write server.pem", &e))?;
-        write_private(&dir.join("server.key"), key.serialize_pem())
+        super::write_private(&dir.join("server.key"), key.serialize_pem().as_bytes())
             .map_err(|e| err("write server.key", &e))?;
         Ok(())
     }
-}
-
-/// Write a file only its owner can read.
-fn write_private(path: &Path, contents: String) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents.as_bytes())
 }

@@ -120,6 +120,21 @@ fn install(how: Install) -> Result<(), Error> {
     }
 }
 
+/// Write a file only its owner can read (keys, configs with secrets).
+pub fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An existing file keeps its mode on open: narrow it before writing.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(contents)
+}
+
 /// Whether `program` is an executable file on the PATH.
 pub(crate) fn have(program: &str) -> bool {
     std::env::var_os("PATH")
