@@ -1,40 +1,90 @@
-//! `popivr check`: validate the configuration, warn about risky settings,
-//! log in with each account in use. Never prints a secret.
+//! `popivr check`: validate the configuration, point out risky settings,
+//! log in with each account a profile uses. Never prints a secret.
+//!
+//! Exit status 0 when the file is valid and every login worked (and, with
+//! `--strict`, nothing risky was found); 1 otherwise.
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
-use popivr::config;
+use popivr::config::{self, ActionKind, Config, Profile};
 
-pub fn check(path: &Path, offline: bool) -> Result<ExitCode> {
+/// A caller on hold longer than this is probably a typo (minutes for
+/// seconds) or an abandoned caller.
+const LONG_HOLD: Duration = Duration::from_secs(300);
+/// Less than this leaves an agent no time to read the pop and reply.
+const SHORT_HOLD: Duration = Duration::from_secs(5);
+/// A login bound above this holds up every pop while a server is down.
+const LONG_LOGIN: Duration = Duration::from_secs(15);
+
+pub struct Options {
+    /// Only validate the file; don't log in.
+    pub offline: bool,
+    /// Risky settings fail the check too.
+    pub strict: bool,
+}
+
+pub fn check(path: &Path, options: Options) -> Result<ExitCode> {
     let config = config::load_file(path)?;
     println!("{}: configuration is valid", path.display());
+    let mut failures = Vec::new();
+    if config.profiles.is_empty() {
+        failures.push(format!("{} defines no profile", path.display()));
+    }
     for w in &config.warnings {
         println!("warning: {w}");
     }
+    let risks = risks(&config, path);
+    for r in &risks {
+        println!("risk: {r}");
+    }
+    if options.strict && !(risks.is_empty() && config.warnings.is_empty()) {
+        failures.push(format!(
+            "{} warning(s) and risk(s) (--strict)",
+            risks.len() + config.warnings.len()
+        ));
+    }
     for (name, p) in &config.profiles {
         println!(
-            "profile [{name}]: {} target(s), {} reply rule(s), {} key(s), timeout {:?}",
+            "profile [{name}]: {} target(s), {} reply rule(s), {} key(s), timeout {}",
             p.targets.len(),
             p.replies.len(),
             p.keys.len(),
-            p.timeout
+            secs(p.timeout)
         );
     }
-    if config.profiles.is_empty() {
-        bail!("{} defines no profile", path.display());
+    if !options.offline {
+        let failed = logins(&config)?;
+        if failed > 0 {
+            failures.push(format!("{failed} account(s) could not log in"));
+        }
     }
+    if failures.is_empty() {
+        println!("check passed");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("check FAILED: {}", failures.join("; "));
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Log in with each account a profile with targets uses; the number that
+/// failed.
+fn logins(config: &Config) -> Result<usize> {
     let used: BTreeSet<&str> = config
         .profiles
         .values()
         .filter(|p| !p.targets.is_empty())
         .map(|p| p.account.as_str())
         .collect();
-    if offline || used.is_empty() {
-        return Ok(ExitCode::SUCCESS);
+    if used.is_empty() {
+        println!("no profile has targets: no XMPP login needed");
+        return Ok(0);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -46,9 +96,13 @@ pub fn check(path: &Path, offline: bool) -> Result<ExitCode> {
             continue;
         };
         let server = account.serverhost.as_deref().unwrap_or("the JID's domain");
+        let transport = match account.usetls {
+            true => "STARTTLS, certificate verified",
+            false => "PLAINTEXT",
+        };
         match rt.block_on(popivr::xmpp::login(account)) {
             Ok(conn) => println!(
-                "account [{name}]: logged in as {} via {server}:{} ({}, {})",
+                "account [{name}]: logged in as {} via {server}:{} ({transport}, {}) in {}",
                 conn.jid, account.port, conn.mechanism, conn.timings
             ),
             Err(e) => {
@@ -60,8 +114,192 @@ pub fn check(path: &Path, offline: bool) -> Result<ExitCode> {
             }
         }
     }
-    if failed > 0 {
-        bail!("{failed} account(s) could not log in");
+    Ok(failed)
+}
+
+/// Settings that work but are risky, one sentence each.
+fn risks(config: &Config, path: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o002 != 0
+    {
+        out.push(format!(
+            "{}: anyone on this machine may change it (who gets pops, where calls go); chmod o-w",
+            path.display()
+        ));
     }
-    Ok(ExitCode::SUCCESS)
+    for (name, a) in &config.accounts {
+        if !used_by_a_profile(config, name) {
+            continue;
+        }
+        if !a.usetls {
+            out.push(format!(
+                "account [{name}] ({}): usetls = no: the password and every pop cross the \
+                 network unencrypted",
+                a.origin
+            ));
+        }
+        if let Some(ca) = &a.ca_file
+            && std::fs::metadata(ca).is_ok_and(|m| m.permissions().mode() & 0o002 != 0)
+        {
+            out.push(format!(
+                "account [{name}]: ca_file {} is writable by anyone: they could make popivr \
+                 trust their own server",
+                ca.display()
+            ));
+        }
+        if a.timeout > LONG_LOGIN {
+            out.push(format!(
+                "account [{name}]: timeout = {}: while the server is unreachable each call \
+                 waits that long for its pop",
+                secs(a.timeout)
+            ));
+        }
+    }
+    for (name, p) in &config.profiles {
+        profile_risks(config, name, p, &mut out);
+    }
+    out
+}
+
+fn profile_risks(config: &Config, name: &str, p: &Profile, out: &mut Vec<String>) {
+    if p.timeout > LONG_HOLD {
+        out.push(format!(
+            "profile [{name}]: timeout = {}: a caller nobody answers stays on hold that long",
+            secs(p.timeout)
+        ));
+    }
+    if p.targets.is_empty() {
+        return;
+    }
+    if p.timeout < SHORT_HOLD {
+        out.push(format!(
+            "profile [{name}]: timeout = {}: agents have little time to read and reply",
+            secs(p.timeout)
+        ));
+    }
+    if let Some(account) = config.account_for(p) {
+        if account.timeout >= p.timeout {
+            out.push(format!(
+                "profile [{name}]: the account's login timeout ({}) is not below the call's \
+                 timeout ({}): with a slow server the default action comes before any pop",
+                secs(account.timeout),
+                secs(p.timeout)
+            ));
+        }
+        let bare = account.username.split('/').next().unwrap_or_default();
+        let own = config::normalize_jid(bare).ok();
+        if let Some(own) = own.filter(|own| p.targets.contains(own)) {
+            out.push(format!(
+                "profile [{name}]: targets include popivr's own account {own}"
+            ));
+        }
+    }
+    let forwards_from_reply = p
+        .replies
+        .iter()
+        .any(|r| r.action.kind == ActionKind::Forward(None));
+    if forwards_from_reply {
+        for pattern in p.forward_allow.iter().filter(|f| open_ended(f)) {
+            out.push(format!(
+                "profile [{name}]: forward_allow `{pattern}` matches numbers of any length \
+                 (long distance, international, premium rate); list the numbers or \
+                 fixed-length patterns agents may forward to"
+            ));
+        }
+    }
+}
+
+/// An Asterisk pattern that ends in `.` or `!` matches without a length
+/// limit.
+fn open_ended(pattern: &str) -> bool {
+    pattern.starts_with('_') && (pattern.ends_with('.') || pattern.ends_with('!'))
+}
+
+fn used_by_a_profile(config: &Config, account: &str) -> bool {
+    config
+        .profiles
+        .values()
+        .any(|p| !p.targets.is_empty() && p.account == account)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "\
+[pbx]
+type = client
+username = pbx@example.org
+secret = s3cret-Value
+serverhost = 127.0.0.1
+
+[sales]
+type = profile
+account = pbx
+targets = alice@example.org
+reply = 1 -> continue desk
+";
+
+    fn risks_of(extra_account: &str, extra_profile: &str) -> Vec<String> {
+        let text = BASE.replace(
+            "serverhost = 127.0.0.1\n",
+            &format!("serverhost = 127.0.0.1\n{extra_account}\n"),
+        ) + extra_profile;
+        let config = config::load_str(&text, "/nonexistent/popivr.conf").expect("valid");
+        risks(&config, Path::new("/nonexistent/popivr.conf"))
+    }
+
+    #[test]
+    fn a_plain_profile_has_no_risks() {
+        assert_eq!(risks_of("", ""), Vec::<String>::new());
+    }
+
+    #[test]
+    fn plaintext_is_a_risk() {
+        let r = risks_of("usetls = no\nallow_plaintext = yes", "");
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].contains("unencrypted"), "{r:?}");
+    }
+
+    #[test]
+    fn open_forwards_are_a_risk() {
+        let r = risks_of("", "reply = fwd -> forward\nforward_allow = _2XXX, _0.\n");
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].contains("`_0.`"), "{r:?}");
+        // A fixed number needs no pattern.
+        let r = risks_of("", "reply = boss -> forward 2000\nforward_allow = _X!\n");
+        assert_eq!(r, Vec::<String>::new());
+    }
+
+    #[test]
+    fn odd_timeouts_are_risks() {
+        let r = risks_of("timeout = 20", "timeout = 600\n");
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r[0].contains("account [pbx]: timeout = 20 s"), "{r:?}");
+        assert!(r[1].contains("timeout = 600 s"), "{r:?}");
+        let r = risks_of("timeout = 5", "timeout = 4\n");
+        assert!(r.iter().any(|r| r.contains("little time")), "{r:?}");
+        assert!(r.iter().any(|r| r.contains("before any pop")), "{r:?}");
+    }
+
+    #[test]
+    fn popping_ourselves_is_a_risk() {
+        let r = risks_of("", "targets = PBX@example.org\n");
+        assert!(r.iter().any(|r| r.contains("own account")), "{r:?}");
+    }
+
+    #[test]
+    fn risks_never_hold_the_secret() {
+        let r = risks_of(
+            "usetls = no\nallow_plaintext = yes\ntimeout = 30",
+            "timeout = 1\n",
+        );
+        assert!(!r.is_empty());
+        assert!(r.iter().all(|r| !r.contains("s3cret")), "{r:?}");
+    }
 }

@@ -109,13 +109,18 @@ enum Cmd {
     },
     /// Check the configuration and the XMPP accounts; exit 1 on a problem.
     ///
-    /// Validates the file (every problem with file:line), warns about
-    /// risky settings, logs in with each account a profile uses and
-    /// reports TLS and authentication results. Secrets are never printed.
+    /// Validates the file (every problem with file:line), points out risky
+    /// settings (plaintext XMPP, open forward patterns, odd timeouts …),
+    /// logs in with each account a profile uses and reports TLS and
+    /// authentication results. Secrets are never printed. Exit status 0
+    /// when all is well, 1 otherwise.
     Check {
         /// Only validate the file; don't log in.
         #[arg(long)]
         offline: bool,
+        /// Fail on warnings and risky settings too.
+        #[arg(long)]
+        strict: bool,
     },
     /// Run one call end to end on this machine and show both sides.
     ///
@@ -149,7 +154,9 @@ fn main() -> ExitCode {
     let log = Logger::new("popivr", level(&cli));
     let result = match cli.command {
         Cmd::Run { profile, args } => run(&cli.config, &profile, &args, log.clone()),
-        Cmd::Check { offline } => check::check(&cli.config, offline),
+        Cmd::Check { offline, strict } => {
+            check::check(&cli.config, check::Options { offline, strict })
+        }
         Cmd::Demo {
             reply,
             think,
