@@ -98,18 +98,14 @@ fn main() {
         for i in 0..n {
             let text = format!("pop {i}");
             let t = Instant::now();
-            let mut session = popivr::xmpp::spawn(account.clone());
+            let mut session = popivr::xmpp::spawn(account.clone(), Default::default());
             match session.recv().await {
                 Some(XmppEvent::Status(XmppStatus::Online)) => {}
                 other => panic!("expected online, got {other:?}"),
             }
             onlines.push(t.elapsed());
             let sent = Instant::now();
-            session.send(OutgoingMessage {
-                to: agent.bare(),
-                body: text.clone(),
-                thread: None,
-            });
+            session.send(OutgoingMessage::chat(agent.bare(), text.clone(), None));
             agent
                 .expect_message(|m| body(m) == Some(text.as_str()))
                 .await;

@@ -753,12 +753,8 @@ async fn floor_message(
 ) -> Duration {
     let text = format!("floor #{n}");
     let t0 = Instant::now();
-    let session = popivr::xmpp::spawn(account.clone());
-    session.send(OutgoingMessage {
-        to: agent.bare(),
-        body: text.clone(),
-        thread: None,
-    });
+    let session = popivr::xmpp::spawn(account.clone(), Default::default());
+    session.send(OutgoingMessage::chat(agent.bare(), text.clone(), None));
     if agent
         .next_message_within(WAIT, |m| body(m) == Some(text.as_str()))
         .await
@@ -882,12 +878,8 @@ fn child_main(mode: &str) {
             "pop" => {
                 let to = std::env::var("PERCALL_TO").expect("PERCALL_TO");
                 let body = std::env::var("PERCALL_BODY").expect("PERCALL_BODY");
-                let mut session = popivr::xmpp::spawn(account);
-                session.send(OutgoingMessage {
-                    to,
-                    body,
-                    thread: None,
-                });
+                let mut session = popivr::xmpp::spawn(account, Default::default());
+                session.send(OutgoingMessage::chat(to, body, None));
                 // The message goes out right after Online; the close
                 // queued behind it waits for it.
                 while let Some(ev) = session.recv().await {

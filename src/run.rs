@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
 use crate::call::{Call, Input, OutgoingMessage, Output, TimerId};
-use crate::config::{Account, Config, Profile};
+use crate::config::{Account, Agent, Config, Profile};
 use crate::eivr::{self, EventLine, LineReader};
 use crate::logging::Logger;
 use crate::xmpp;
@@ -47,10 +47,11 @@ pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
     let CallSetup {
         profile,
         account,
-        agent_values,
+        agents,
         args,
     } = setup;
-    let call = Call::new(profile, id, args).with_agent_values(agent_values);
+    let options = xmpp::SessionOptions::for_profile(&profile);
+    let call = Call::new(profile, id, args).with_agents(agents);
     let (stop, control) = watch::channel(Control::Run);
     // Spawned tasks run once the driver first waits, so the hold audio is
     // written before the signal handlers are even installed.
@@ -58,6 +59,7 @@ pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
     let events = LineReader::new(BufReader::new(tokio::io::stdin()));
     let link = OwnSession {
         account,
+        options,
         session: None,
     };
     let end = drive(call, Vec::new(), events, Stdout, link, control, &log).await;
@@ -70,8 +72,8 @@ pub struct CallSetup {
     pub profile: Arc<Profile>,
     /// The profile's account; `None` for a keys-only profile.
     pub account: Option<Account>,
-    /// The targets' own `$name$` values, by bare JID.
-    pub agent_values: BTreeMap<String, BTreeMap<String, String>>,
+    /// The `type = agent` sections, by bare JID.
+    pub agents: Arc<BTreeMap<String, Agent>>,
     /// `key=value` program arguments.
     pub args: Vec<(String, String)>,
 }
@@ -80,18 +82,18 @@ impl CallSetup {
     /// The setup for `profile` of `config`, with the program arguments
     /// (`key=value`; anything else is ignored).
     pub fn new(config: &Config, profile: &Profile, args: &[String]) -> Self {
-        let agent_values = profile
+        let agents = profile
             .targets
             .iter()
-            .filter_map(|t| config.agent_values(t).map(|v| (t.clone(), v.clone())))
+            .filter_map(|t| config.agents.get(t).map(|a| (t.clone(), a.clone())))
             .collect();
         CallSetup {
             profile: Arc::new(profile.clone()),
-            account: match profile.targets.is_empty() {
-                true => None,
-                false => config.account_for(profile).cloned(),
+            account: match profile.uses_xmpp() {
+                false => None,
+                true => config.account_for(profile).cloned(),
             },
-            agent_values,
+            agents: Arc::new(agents),
             args: parse_args(args),
         }
     }
@@ -358,13 +360,17 @@ async fn sleep(at: Option<Instant>) {
 /// says `Connect`.
 struct OwnSession {
     account: Option<Account>,
+    options: xmpp::SessionOptions,
     session: Option<xmpp::Session>,
 }
 
 impl Link for OwnSession {
     fn connect(&mut self, log: &Logger) {
         match self.account.take() {
-            Some(account) => self.session = Some(xmpp::spawn(account)),
+            Some(account) => {
+                let options = std::mem::take(&mut self.options);
+                self.session = Some(xmpp::spawn(account, options));
+            }
             None => log.error("the profile has targets but no account"),
         }
     }

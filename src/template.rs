@@ -8,6 +8,7 @@
 //! | `$called$`        | `DNID` (the caller sets it; falls back to `EXTEN`) |
 //! | `$outcome$`       | what was done with the call (confirm texts)        |
 //! | `$agent$`         | the agent's bare JID                               |
+//! | `$tag$`           | the call's short id (prefix a reply with `#tag`)   |
 //! | `$name$`          | a per-agent custom value                           |
 //! | `[sip.X-Header]`  | a SIP header read with `PJSIP_HEADER(read,…)`      |
 //! | `${NAME}`         | any channel variable read, or a program argument   |
@@ -27,13 +28,14 @@ pub const MAX_VALUE_CHARS: usize = 256;
 const MAX_NAME: usize = 128;
 
 /// The `$word$` placeholders with a fixed meaning.
-pub const BUILTIN: [&str; 6] = [
+pub const BUILTIN: [&str; 7] = [
     "caller",
     "caller_name",
     "number",
     "called",
     "outcome",
     "agent",
+    "tag",
 ];
 
 /// What a call knows, for rendering.
@@ -49,6 +51,8 @@ pub struct Values {
     pub called: String,
     pub outcome: String,
     pub agent: String,
+    /// The call's short id.
+    pub tag: String,
     /// SIP headers by name (matched without regard to case).
     pub sip: BTreeMap<String, String>,
     /// Channel variables by name.
@@ -69,6 +73,7 @@ impl Values {
             "called" => &self.called,
             "outcome" => &self.outcome,
             "agent" => &self.agent,
+            "tag" => &self.tag,
             _ => return self.custom.get(name).map(String::as_str),
         })
     }

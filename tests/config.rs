@@ -371,7 +371,7 @@ key = 1 -> hangup prompt beep
         ("p.conf:38", "[p] template: is empty"),
         (
             "p.conf:40",
-            "[q] type: expected `client`, `profile` or `agent`",
+            "[q] type: expected `client`, `profile`, `agent` or `group`",
         ),
         ("p.conf:41", "[r]: has no `type`"),
         (

@@ -25,7 +25,7 @@ fn server() -> Prosody {
 /// Start a session and wait for its first status.
 async fn first_status(account: &Account) -> (Session, XmppStatus, Duration) {
     let t = Instant::now();
-    let mut session = xmpp::spawn(account.clone());
+    let mut session = xmpp::spawn(account.clone(), Default::default());
     let status = match timeout(WAIT, session.recv()).await {
         Ok(Some(XmppEvent::Status(s))) => s,
         other => panic!("expected a status first, got {other:?}"),
@@ -101,11 +101,11 @@ fn connections(server: &Prosody) -> usize {
 async fn pop_to_alice(server: &Prosody) -> (Session, TestAgent, Message) {
     let mut alice = TestAgent::login(server, "alice", ALICE_PW).await;
     let session = online(&server.account("pbx", PBX_PW)).await;
-    session.send(OutgoingMessage {
-        to: alice.bare(),
-        body: "Call from 2001".into(),
-        thread: Some("call-1".into()),
-    });
+    session.send(OutgoingMessage::chat(
+        alice.bare(),
+        "Call from 2001",
+        Some("call-1".into()),
+    ));
     let pop = alice
         .expect_message(|m| body(m) == Some("Call from 2001"))
         .await;
@@ -498,7 +498,7 @@ async fn close_is_bounded_even_when_the_server_hangs() {
 async fn close_abandons_a_login_in_progress() {
     let server = server();
     server.freeze();
-    let session = xmpp::spawn(server.account("pbx", PBX_PW));
+    let session = xmpp::spawn(server.account("pbx", PBX_PW), Default::default());
     let t = Instant::now();
     session.close().await;
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
@@ -509,12 +509,8 @@ async fn close_abandons_a_login_in_progress() {
 async fn messages_sent_during_login_go_out_once_online() {
     let server = server();
     let mut alice = TestAgent::login(&server, "alice", ALICE_PW).await;
-    let session = xmpp::spawn(server.account("pbx", PBX_PW));
-    session.send(OutgoingMessage {
-        to: alice.bare(),
-        body: "early".into(),
-        thread: None,
-    });
+    let session = xmpp::spawn(server.account("pbx", PBX_PW), Default::default());
+    session.send(OutgoingMessage::chat(alice.bare(), "early", None));
     alice.expect_message(|m| body(m) == Some("early")).await;
     session.close().await;
 }

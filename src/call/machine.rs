@@ -3,12 +3,15 @@
 //! The machine never blocks and never looks at a clock: the shell feeds it
 //! [`Input`]s and carries out the [`Output`]s it returns, in order.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{IncomingMessage, Input, Level, MsgKind, OutgoingMessage, Output, TimerId, XmppStatus};
-use crate::config::{Action, ActionKind, Profile};
+use super::{
+    IncomingMessage, IncomingPresence, Input, Level, MsgKind, OutgoingMessage, Output, RosterItem,
+    Show, TimerId, XmppStatus,
+};
+use crate::config::{Action, ActionKind, Agent, Mode, Nobody, PresencePolicy, Profile};
 use crate::eivr::{Command, Event, split_vars};
 use crate::template;
 
@@ -22,8 +25,6 @@ const PROMPT_GUARD: Duration = Duration::from_secs(30);
 /// read with it. The dialplan copies the header first:
 /// `Set(POPIVR_SIP_X-Customer-Id=${PJSIP_HEADER(read,X-Customer-Id)})`.
 pub const SIP_HEADER_PREFIX: &str = "POPIVR_SIP_";
-/// Sent to the agents who got the pop when the caller leaves first.
-const MISSED_NOTICE: &str = "Missed call from $caller$ $caller_name$: the caller hung up.";
 /// `POPIVR_REPLY` carries at most this many characters of an agent's text.
 const MAX_REPLY_CHARS: usize = 64;
 
@@ -43,7 +44,7 @@ impl CallData {
     }
 
     /// Template values for this call, plus the per-message extras.
-    fn values(&self, outcome: &str, agent: &str) -> template::Values {
+    fn values(&self, tag: &str, outcome: &str, agent: &str) -> template::Values {
         let mut v = template::Values {
             caller: self.var("CALLERID(num)").to_string(),
             caller_name: self.var("CALLERID(name)").to_string(),
@@ -51,6 +52,7 @@ impl CallData {
             called: self.var("DNID").to_string(),
             outcome: outcome.to_string(),
             agent: agent.to_string(),
+            tag: tag.to_string(),
             args: self.args.iter().cloned().collect(),
             ..template::Values::default()
         };
@@ -67,9 +69,40 @@ impl CallData {
 /// Who chose the action.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Source {
-    Agent { jid: String, reply: String },
+    /// An agent's reply; `jid` is their bare JID, or `room/nick` for a
+    /// room occupant whose real JID is hidden.
+    Agent {
+        jid: String,
+        reply: String,
+        from: Peer,
+    },
     Key(char),
     Timeout,
+    /// No target was available (or XMPP failed) in a mode that does not
+    /// wait for replies, or `nobody = default`.
+    Unavailable(String),
+    /// A mode that leaves by itself: notify, route or missed.
+    Mode {
+        agents: Vec<String>,
+        exten: String,
+    },
+}
+
+/// Where an agent's reply came from, so answers go back the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Peer {
+    Chat(String),
+    /// A room occupant: answers go to the room, addressed to the nick.
+    Room(String),
+}
+
+/// A group chat room the call pops into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RoomState {
+    Unused,
+    Joining,
+    Joined,
+    Failed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,20 +141,41 @@ pub struct Call {
     link: Link,
     /// Bare JIDs the pop went to; only they may steer the call.
     popped: Vec<String>,
+    /// The pop went into the room.
+    room_popped: bool,
+    /// Who gets the pop has been decided (it may be nobody).
+    decided: bool,
+    /// Contacts whose presence we are subscribed to; `None` until the
+    /// roster is in.
+    roster: Option<BTreeSet<String>>,
+    /// Last presence of each resource of each target, by bare JID.
+    presence: BTreeMap<String, BTreeMap<String, Show>>,
+    /// The presence window is over (all subscribed targets heard, or the
+    /// `Presence` timer fired).
+    presence_ready: bool,
+    room: RoomState,
+    /// Room occupants by nick: their real bare JID when the room shows it.
+    occupants: BTreeMap<String, Option<String>>,
     /// Set once: the action that was taken, for late replies.
     outcome: Option<String>,
-    /// Per-agent `$name$` values, by bare JID.
-    agent_values: BTreeMap<String, BTreeMap<String, String>>,
+    /// The `type = agent` sections, by bare JID: `$name$` values, exten,
+    /// priority.
+    agents: Arc<BTreeMap<String, Agent>>,
 }
 
 impl Call {
     /// A call for `profile`. `id` names the call in logs and as the thread
     /// of its pop; `args` are the `key=value` program arguments.
     pub fn new(profile: Arc<Profile>, id: String, args: Vec<(String, String)>) -> Self {
-        let link = if profile.targets.is_empty() {
-            Link::Unused
-        } else {
+        let link = if profile.uses_xmpp() {
             Link::Connecting
+        } else {
+            Link::Unused
+        };
+        let room = if profile.room.is_some() {
+            RoomState::Joining
+        } else {
+            RoomState::Unused
         };
         Call {
             hold: profile.hold.clone(),
@@ -135,23 +189,31 @@ impl Call {
             pending_reads: VecDeque::new(),
             link,
             popped: Vec::new(),
+            room_popped: false,
+            decided: false,
+            roster: None,
+            presence: BTreeMap::new(),
+            presence_ready: false,
+            room,
+            occupants: BTreeMap::new(),
             outcome: None,
-            agent_values: BTreeMap::new(),
+            agents: Arc::default(),
         }
     }
 
-    /// Give the agents' own `$name$` values (`type = agent` sections).
-    pub fn with_agent_values(mut self, values: BTreeMap<String, BTreeMap<String, String>>) -> Self {
-        self.agent_values = values;
+    /// Give the `type = agent` sections (their `$name$` values, `exten`
+    /// and `priority`), by bare JID.
+    pub fn with_agents(mut self, agents: Arc<BTreeMap<String, Agent>>) -> Self {
+        self.agents = agents;
         self
     }
 
     /// The text of `template` as sent to `to`: `$agent$` is the agent who
     /// answered, the `$name$` values are the recipient's own.
     fn text(&self, template: &str, outcome: &str, agent: &str, to: &str) -> String {
-        let mut values = self.data.values(outcome, agent);
-        if let Some(custom) = self.agent_values.get(to) {
-            values.custom = custom.clone();
+        let mut values = self.data.values(&self.id, outcome, agent);
+        if let Some(agent) = self.agents.get(to) {
+            values.custom = agent.values.clone();
         }
         template::render(template, &values)
     }
@@ -173,7 +235,11 @@ impl Call {
         // One file is always queued behind the playing one, so the playlist
         // never runs dry between an `F` and our answer to it: each `F`
         // queues the file that ended again, which keeps the rotation's
-        // order. A single file is queued behind itself.
+        // order. A single file is queued behind itself. In `missed` mode
+        // the channel is already hung up: no audio.
+        if self.profile.mode == Mode::Missed {
+            self.hold.clear();
+        }
         if let Some((first, rest)) = self.hold.split_first() {
             out.push(Output::Command(Command::Play(first.clone())));
             let queued = if rest.is_empty() {
@@ -214,6 +280,10 @@ impl Call {
             Input::Event(line) => self.on_event(line.event, &mut out),
             Input::Xmpp(status) => self.on_link(status, &mut out),
             Input::Message(msg) => self.on_message(msg, &mut out),
+            Input::Presence(p) => self.on_presence(p, &mut out),
+            Input::Roster(items) => self.on_roster(&items, &mut out),
+            Input::Joined(room) => self.on_room(&room, None, &mut out),
+            Input::RoomFailed(room, cause) => self.on_room(&room, Some(cause), &mut out),
             Input::Timer(id) => self.on_timer(id, &mut out),
             Input::Closed => {
                 if self.outcome.is_none() {
@@ -238,6 +308,11 @@ impl Call {
                     }
                     None => log(out, Level::Debug, format!("key {key} has no action")),
                 }
+            }
+            // `missed` mode runs on a channel that is already hung up
+            // (option `d`): the notice still has to go out.
+            Event::Hangup if self.profile.mode == Mode::Missed && self.outcome.is_none() => {
+                log(out, Level::Debug, "hangup event in missed mode".into());
             }
             Event::Hangup => {
                 if self.outcome.is_none() {
@@ -339,14 +414,23 @@ impl Call {
         match status {
             XmppStatus::Online => {
                 self.link = Link::Online;
+                if self.needs_presence() || self.room == RoomState::Joining {
+                    out.push(Output::SetTimer(
+                        TimerId::Presence,
+                        self.profile.presence_wait,
+                    ));
+                } else {
+                    self.presence_ready = true;
+                }
                 self.maybe_pop(out);
             }
             XmppStatus::Failed(cause) => {
                 if self.link != Link::Failed {
-                    let then = if self.outcome.is_none() {
-                        "; the default action follows at the timeout"
-                    } else {
-                        ""
+                    let waits = self.profile.mode == Mode::Interactive;
+                    let then = match self.outcome {
+                        None if waits => "; the default action follows at the timeout",
+                        None => "; taking the default action",
+                        Some(_) => "",
                     };
                     log(
                         out,
@@ -355,66 +439,424 @@ impl Call {
                     );
                 }
                 self.link = Link::Failed;
+                if self.profile.mode != Mode::Interactive {
+                    let action = self.profile.default_action.clone();
+                    let why = "XMPP unavailable".to_string();
+                    self.act(&action, Source::Unavailable(why), None, out);
+                }
             }
         }
     }
 
-    /// The pop goes out once we are logged in and know the caller.
+    /// Whether the targets' presence decides who gets the pop.
+    fn needs_presence(&self) -> bool {
+        self.profile.presence != PresencePolicy::Any && !self.profile.targets.is_empty()
+    }
+
+    fn is_target(&self, jid: &str) -> bool {
+        self.profile.targets.iter().any(|t| t == jid)
+    }
+
+    fn on_roster(&mut self, items: &[RosterItem], out: &mut Vec<Output>) {
+        let subscribed: BTreeSet<String> = items
+            .iter()
+            .filter(|i| i.subscribed)
+            .map(|i| i.jid.clone())
+            .collect();
+        if self.needs_presence() {
+            let missing: Vec<&str> = self
+                .profile
+                .targets
+                .iter()
+                .filter(|t| !subscribed.contains(*t))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                log(
+                    out,
+                    Level::Warn,
+                    format!(
+                        "no presence subscription to {} (asked; until they accept, they count                          as offline; `popivr check` shows the roster)",
+                        missing.join(", ")
+                    ),
+                );
+            }
+        }
+        self.roster = Some(subscribed);
+        self.check_presence_ready(out);
+    }
+
+    fn on_presence(&mut self, p: IncomingPresence, out: &mut Vec<Output>) {
+        if let Some(muc) = &p.muc {
+            let in_room = matches!(&self.profile.room, Some(r) if r.jid == p.from_bare);
+            let nick = resource(&p.from_full);
+            if in_room && !muc.is_self && !nick.is_empty() {
+                if p.show == Show::Unavailable {
+                    self.occupants.remove(nick);
+                } else {
+                    self.occupants
+                        .insert(nick.to_string(), muc.real_jid.clone());
+                }
+            }
+            return;
+        }
+        if !self.is_target(&p.from_bare) {
+            return;
+        }
+        let was = self.available(&p.from_bare);
+        self.presence
+            .entry(p.from_bare.clone())
+            .or_default()
+            .insert(p.from_full.clone(), p.show);
+        if !self.presence_ready {
+            self.check_presence_ready(out);
+            return;
+        }
+        // A target who comes online while the call waits gets the pop too.
+        if !was
+            && self.available(&p.from_bare)
+            && self.decided
+            && self.profile.mode == Mode::Interactive
+            && self.outcome.is_none()
+            && !self.popped.contains(&p.from_bare)
+            && (!self.popped.is_empty() || self.room_popped)
+        {
+            let to = p.from_bare.clone();
+            let pop = self.pop_message(&to);
+            out.push(pop);
+            log(
+                out,
+                Level::Info,
+                format!("pop sent to {to} (now available)"),
+            );
+            self.popped.push(to);
+        }
+    }
+
+    /// Every subscribed target has told us its presence: no need to wait
+    /// for the rest of the window.
+    fn check_presence_ready(&mut self, out: &mut Vec<Output>) {
+        if self.presence_ready {
+            return;
+        }
+        let Some(roster) = &self.roster else {
+            return;
+        };
+        let all_heard = self
+            .profile
+            .targets
+            .iter()
+            .filter(|t| roster.contains(*t))
+            .all(|t| self.presence.contains_key(t));
+        if all_heard && self.room != RoomState::Joining {
+            self.presence_ready = true;
+            out.push(Output::CancelTimer(TimerId::Presence));
+            self.maybe_pop(out);
+        }
+    }
+
+    fn on_room(&mut self, room: &str, failed: Option<String>, out: &mut Vec<Output>) {
+        if !matches!(&self.profile.room, Some(r) if r.jid == room)
+            || self.room != RoomState::Joining
+        {
+            return;
+        }
+        match failed {
+            None => self.room = RoomState::Joined,
+            Some(cause) => {
+                log(
+                    out,
+                    Level::Error,
+                    format!("cannot join room {room}: {cause}"),
+                );
+                self.room = RoomState::Failed;
+            }
+        }
+        if self.link == Link::Online && (self.roster.is_some() || !self.needs_presence()) {
+            if self.needs_presence() {
+                self.check_presence_ready(out);
+            } else {
+                self.presence_ready = true;
+                out.push(Output::CancelTimer(TimerId::Presence));
+                self.maybe_pop(out);
+            }
+        }
+    }
+
+    /// `jid` has a resource whose presence the profile counts as available.
+    fn available(&self, jid: &str) -> bool {
+        let policy = self.profile.presence;
+        if policy == PresencePolicy::Any {
+            return true;
+        }
+        let Some(resources) = self.presence.get(jid) else {
+            return false;
+        };
+        resources.values().any(|show| match show {
+            Show::Online | Show::Chat => true,
+            Show::Away => policy != PresencePolicy::Available,
+            Show::Xa | Show::Dnd => policy == PresencePolicy::Busy,
+            Show::Unavailable => false,
+        })
+    }
+
+    /// How a target stands, for the log when nobody is available.
+    fn describe(&self, jid: &str) -> String {
+        let state = match self.presence.get(jid) {
+            _ if self.roster.as_ref().is_some_and(|r| !r.contains(jid)) => "no subscription",
+            None => "no presence",
+            Some(res) => {
+                let rank = |s: &Show| match s {
+                    Show::Chat => 0,
+                    Show::Online => 1,
+                    Show::Away => 2,
+                    Show::Xa => 3,
+                    Show::Dnd => 4,
+                    Show::Unavailable => 5,
+                };
+                match res.values().min_by_key(|s| rank(s)).copied() {
+                    Some(Show::Online) => "online",
+                    Some(Show::Chat) => "chat",
+                    Some(Show::Away) => "away",
+                    Some(Show::Xa) => "xa",
+                    Some(Show::Dnd) => "dnd",
+                    Some(Show::Unavailable) | None => "offline",
+                }
+            }
+        };
+        format!("{jid} ({state})")
+    }
+
+    /// The pop goes out once we are logged in, know the caller and know
+    /// who is available.
     fn maybe_pop(&mut self, out: &mut Vec<Output>) {
         if self.link != Link::Online
             || !self.pending_reads.is_empty()
-            || !self.popped.is_empty()
+            || !self.presence_ready
+            || self.decided
             || self.outcome.is_some()
         {
             return;
         }
-        for target in &self.profile.targets {
-            let body = self.text(&self.profile.template, "", "", target);
-            out.push(self.message(target, body));
+        self.decided = true;
+        let targets = &self.profile.targets;
+        let mut available: Vec<String> = targets
+            .iter()
+            .filter(|t| self.available(t))
+            .cloned()
+            .collect();
+        let room = self.room == RoomState::Joined;
+        if self.profile.mode == Mode::Route {
+            // Lowest priority first; equal ones keep the order of `targets`.
+            let priority = |jid: &String| self.agent(jid).map_or(0, |a| a.priority);
+            available.sort_by_key(priority);
+            available.truncate(1);
         }
-        self.popped = self.profile.targets.clone();
-        log(
-            out,
-            Level::Info,
-            format!("pop sent to {}", self.popped.join(", ")),
-        );
+        if available.is_empty() && !room {
+            let states: Vec<String> = targets.iter().map(|t| self.describe(t)).collect();
+            let who = if states.is_empty() {
+                "the room is unavailable".to_string()
+            } else {
+                states.join(", ")
+            };
+            log(out, Level::Info, format!("nobody available: {who}"));
+            let nobody = match self.profile.mode {
+                // Routing to someone unavailable would ring nobody.
+                Mode::Route if self.profile.nobody == Nobody::Pop => Nobody::Default,
+                _ => self.profile.nobody,
+            };
+            match nobody {
+                Nobody::Pop => available = targets.clone(),
+                Nobody::Missed | Nobody::Default => {
+                    if nobody == Nobody::Missed {
+                        for to in targets {
+                            let body = self.text(&self.profile.missed, "", "", to);
+                            out.push(self.message(to, body));
+                        }
+                        self.popped = targets.clone();
+                    }
+                    let action = self.profile.default_action.clone();
+                    let why = "nobody available".to_string();
+                    self.act(&action, Source::Unavailable(why), None, out);
+                    return;
+                }
+            }
+        }
+        if self.profile.mode == Mode::Missed {
+            for to in &available {
+                let body = self.text(&self.profile.missed, "", "", to);
+                out.push(self.message(to, body));
+            }
+            if room {
+                let body = self.text(&self.profile.missed, "", "", "");
+                out.push(self.room_message(body));
+            }
+            log(
+                out,
+                Level::Info,
+                format!(
+                    "missed-call notice sent to {}",
+                    self.recipients(&available, room)
+                ),
+            );
+        } else {
+            for to in &available {
+                let pop = self.pop_message(to);
+                out.push(pop);
+            }
+            if room {
+                let mut body = self.text(&self.profile.template, "", "", "");
+                let url = self.url();
+                if let Some(url) = &url {
+                    body = format!("{body}\n{url}");
+                }
+                out.push(Output::Send(OutgoingMessage {
+                    url,
+                    ..OutgoingMessage::groupchat(self.room_jid(), body)
+                }));
+            }
+            log(
+                out,
+                Level::Info,
+                format!("pop sent to {}", self.recipients(&available, room)),
+            );
+        }
+        self.popped = available.clone();
+        self.room_popped = room;
+        let exten = available
+            .first()
+            .and_then(|a| self.agent(a))
+            .and_then(|a| a.exten.clone())
+            .unwrap_or_default();
+        let label = match self.profile.mode {
+            Mode::Interactive => return,
+            Mode::Notify => "notify",
+            Mode::Route => "route",
+            Mode::Missed => "missed",
+        };
+        let action = Action {
+            kind: ActionKind::Continue(label.into()),
+            prompt: None,
+        };
+        let source = Source::Mode {
+            agents: available,
+            exten,
+        };
+        self.act(&action, source, None, out);
     }
 
-    fn message(&self, to: &str, body: String) -> Output {
+    fn recipients(&self, agents: &[String], room: bool) -> String {
+        let mut all: Vec<&str> = agents.iter().map(String::as_str).collect();
+        if room {
+            all.push(self.room_jid());
+        }
+        all.join(", ")
+    }
+
+    fn agent(&self, jid: &str) -> Option<&Agent> {
+        self.agents.get(jid)
+    }
+
+    fn room_jid(&self) -> &str {
+        self.profile.room.as_ref().map_or("", |r| r.jid.as_str())
+    }
+
+    /// The CRM link for this call, if the profile has one.
+    fn url(&self) -> Option<String> {
+        let url = self.profile.url.as_deref()?;
+        let link = template::render_url(url, &self.data.values(&self.id, "", ""));
+        (!link.is_empty()).then_some(link)
+    }
+
+    /// The pop for one agent: their text, the link appended and attached.
+    fn pop_message(&self, to: &str) -> Output {
+        let mut body = self.text(&self.profile.template, "", "", to);
+        let url = self.url();
+        if let Some(url) = &url {
+            body = format!("{body}\n{url}");
+        }
         Output::Send(OutgoingMessage {
-            to: to.to_string(),
-            body,
-            thread: Some(self.id.clone()),
+            url,
+            ..OutgoingMessage::chat(to, body, Some(self.id.clone()))
         })
     }
 
-    fn on_message(&mut self, msg: IncomingMessage, out: &mut Vec<Output>) {
+    fn message(&self, to: &str, body: String) -> Output {
+        Output::Send(OutgoingMessage::chat(to, body, Some(self.id.clone())))
+    }
+
+    fn room_message(&self, body: String) -> Output {
+        Output::Send(OutgoingMessage::groupchat(self.room_jid(), body))
+    }
+
+    /// An answer to whoever spoke, the way they spoke.
+    fn answer(&self, peer: &Peer, body: String) -> Output {
+        match peer {
+            Peer::Chat(jid) => self.message(jid, body),
+            Peer::Room(nick) => self.room_message(format!("{nick}: {body}")),
+        }
+    }
+
+    /// Who sent `msg`, if they may steer this call: a popped target in a
+    /// one-to-one chat, or an allowed occupant of the popped room.
+    fn steerer(&self, msg: &IncomingMessage, out: &mut Vec<Output>) -> Option<(String, Peer)> {
         let from = msg.from_bare.as_str();
-        if !self.popped.iter().any(|t| t == from) {
+        let ignore = |out: &mut Vec<Output>, why: &str| {
             log(
                 out,
                 Level::Debug,
-                format!("message from {from} ignored: not a target of this call"),
+                format!("message from {} ignored: {why}", msg.from_full),
             );
-            return;
+            None
+        };
+        if msg.delayed || msg.forwarded {
+            return ignore(out, "delayed or forwarded");
         }
-        if !matches!(msg.kind, MsgKind::Chat | MsgKind::Normal) || msg.delayed || msg.forwarded {
-            log(
-                out,
-                Level::Debug,
-                format!(
-                    "message from {from} ignored ({:?}, delayed {}, forwarded {})",
-                    msg.kind, msg.delayed, msg.forwarded
-                ),
-            );
-            return;
+        match (&self.profile.room, msg.kind) {
+            (Some(room), MsgKind::Groupchat) if room.jid == from => {
+                let nick = resource(&msg.from_full);
+                if !self.room_popped {
+                    return ignore(out, "no pop in the room yet");
+                }
+                if nick.is_empty() || nick == room.nick {
+                    return None;
+                }
+                let allowed = match self.occupants.get(nick) {
+                    Some(Some(real)) => room.allow_jids.contains(real).then(|| real.clone()),
+                    // The room hides real JIDs: nicks are all we have.
+                    Some(None) => room
+                        .allow_nicks
+                        .iter()
+                        .any(|n| n == nick)
+                        .then(|| format!("{from}/{nick}")),
+                    None => None,
+                };
+                match allowed {
+                    Some(who) => Some((who, Peer::Room(nick.to_string()))),
+                    None => ignore(out, "occupant not allowed to answer"),
+                }
+            }
+            (_, MsgKind::Chat | MsgKind::Normal) if self.popped.iter().any(|t| t == from) => {
+                Some((from.to_string(), Peer::Chat(from.to_string())))
+            }
+            (_, MsgKind::Chat | MsgKind::Normal) => ignore(out, "not a target of this call"),
+            (_, kind) => ignore(out, &format!("{kind:?} message")),
         }
+    }
+
+    fn on_message(&mut self, msg: IncomingMessage, out: &mut Vec<Output>) {
+        let Some((who, peer)) = self.steerer(&msg, out) else {
+            return;
+        };
         let Some(text) = msg.body.as_deref().map(str::trim).filter(|t| !t.is_empty()) else {
             return;
         };
         if let Some(outcome) = &self.outcome {
             let body = format!("This call was already handled: {outcome}.");
-            out.push(self.message(from, body));
+            out.push(self.answer(&peer, body));
+            return;
+        }
+        if self.profile.mode != Mode::Interactive {
             return;
         }
         let mut words = text.split_whitespace();
@@ -425,7 +867,7 @@ impl Call {
             .iter()
             .find(|r| r.words.contains(&first));
         let Some(rule) = rule else {
-            out.push(self.message(from, self.profile.help.clone()));
+            out.push(self.answer(&peer, self.profile.help.clone()));
             return;
         };
         let action = rule.action.clone();
@@ -436,20 +878,21 @@ impl Call {
                 }
                 Some(n) => {
                     let body = format!("{n} is not a number this call may be forwarded to.");
-                    out.push(self.message(from, body));
+                    out.push(self.answer(&peer, body));
                     return;
                 }
                 None => {
                     let body = format!("Say which number: {first} NUMBER");
-                    out.push(self.message(from, body));
+                    out.push(self.answer(&peer, body));
                     return;
                 }
             },
             _ => None,
         };
         let source = Source::Agent {
-            jid: from.to_string(),
+            jid: who,
             reply: text.to_string(),
+            from: peer,
         };
         self.act(&action, source, number, out);
     }
@@ -470,6 +913,21 @@ impl Call {
                 self.maybe_pop(out);
             }
             TimerId::Prompt if matches!(self.phase, Phase::Prompting { .. }) => self.leave(out),
+            TimerId::Presence if !self.presence_ready => {
+                if self.room == RoomState::Joining {
+                    log(
+                        out,
+                        Level::Warn,
+                        format!("room {} not joined in time", self.room_jid()),
+                    );
+                    self.room = RoomState::Failed;
+                }
+                if self.needs_presence() && self.roster.is_none() {
+                    log(out, Level::Warn, "no roster from the server in time".into());
+                }
+                self.presence_ready = true;
+                self.maybe_pop(out);
+            }
             _ => {}
         }
     }
@@ -486,6 +944,7 @@ impl Call {
             return;
         }
         out.push(Output::CancelTimer(TimerId::Reply));
+        out.push(Output::CancelTimer(TimerId::Presence));
         let (label, target, end, outcome) = match &action.kind {
             ActionKind::Continue(label) => (
                 label.clone(),
@@ -510,31 +969,66 @@ impl Call {
             ),
         };
         let (agent, reply, by) = match &source {
-            Source::Agent { jid, reply } => (jid.clone(), filter_reply(reply), jid.clone()),
+            Source::Agent { jid, reply, .. } => (jid.clone(), filter_reply(reply), jid.clone()),
             Source::Key(k) => (String::new(), k.to_string(), format!("caller key {k}")),
             Source::Timeout => (String::new(), "timeout".to_string(), "timeout".to_string()),
+            Source::Unavailable(why) => (String::new(), String::new(), why.clone()),
+            Source::Mode { agents, .. } => (agents.join(" "), String::new(), label.clone()),
         };
         log(
             out,
             Level::Info,
             format!("action {label} ({outcome}) by {by}"),
         );
-        let vars = vec![
+        let exten = match &source {
+            Source::Mode { exten, .. } => exten.clone(),
+            Source::Agent { jid, .. } => self
+                .agent(jid)
+                .and_then(|a| a.exten.clone())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let mut vars = vec![
             ("POPIVR_ACTION".to_string(), label),
             ("POPIVR_REPLY".to_string(), reply),
             ("POPIVR_AGENT".to_string(), agent.clone()),
             ("POPIVR_TARGET".to_string(), target),
         ];
+        if !exten.is_empty() {
+            vars.push(("POPIVR_AGENT_EXTEN".to_string(), exten));
+        }
         // Tell the agents before Asterisk hears of it: once `E` is answered
-        // Asterisk closes our input and the process ends.
-        if self.link == Link::Online {
+        // Asterisk closes our input and the process ends. The one who
+        // answered gets the confirmation, the others that it was taken.
+        let informs = matches!(
+            source,
+            Source::Agent { .. } | Source::Key(_) | Source::Timeout
+        );
+        if self.link == Link::Online && informs {
             let text = match &source {
                 Source::Agent { .. } => outcome.clone(),
                 _ => format!("{outcome} ({by})"),
             };
+            let winner = match &source {
+                Source::Agent { from, .. } => Some(from),
+                _ => None,
+            };
             for to in &self.popped {
-                let body = self.text(&self.profile.confirm, &text, &agent, to);
+                let template = match winner {
+                    Some(Peer::Chat(jid)) if jid != to => &self.profile.taken,
+                    Some(Peer::Room(_)) => &self.profile.taken,
+                    _ => &self.profile.confirm,
+                };
+                let body = self.text(template, &text, &agent, to);
                 out.push(self.message(to, body));
+            }
+            if self.room_popped {
+                let template = match winner {
+                    Some(Peer::Room(_)) | None => &self.profile.confirm,
+                    Some(Peer::Chat(_)) => &self.profile.taken,
+                };
+                let body = self.text(template, &text, &agent, "");
+                out.push(self.room_message(body));
             }
         }
         self.outcome = Some(outcome);
@@ -571,10 +1065,14 @@ impl Call {
             Level::Info,
             format!("call ended before any action: {why}"),
         );
-        if self.link == Link::Online && !self.popped.is_empty() {
+        if self.link == Link::Online && self.profile.mode == Mode::Interactive {
             for to in &self.popped {
-                let body = self.text(MISSED_NOTICE, "", "", to);
+                let body = self.text(&self.profile.missed, "", "", to);
                 out.push(self.message(to, body));
+            }
+            if self.room_popped {
+                let body = self.text(&self.profile.missed, "", "", "");
+                out.push(self.room_message(body));
             }
         }
     }
@@ -593,4 +1091,9 @@ fn log(out: &mut Vec<Output>, level: Level, text: String) {
 /// the command writer removes what the wire cannot carry.
 fn filter_reply(reply: &str) -> String {
     reply.chars().take(MAX_REPLY_CHARS).collect()
+}
+
+/// The resource of a full JID (a room occupant's nick).
+fn resource(full: &str) -> &str {
+    full.split_once('/').map_or("", |(_, r)| r)
 }

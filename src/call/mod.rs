@@ -38,14 +38,89 @@ pub struct IncomingMessage {
     pub thread: Option<String>,
 }
 
+/// How a message is sent: to one person, or into a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutKind {
+    Chat,
+    Groupchat,
+}
+
 /// An IM to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutgoingMessage {
-    /// Bare JID of the recipient.
+    /// Bare JID of the recipient (a room's JID for `Groupchat`).
     pub to: String,
     pub body: String,
     /// XEP-0201 thread id, so a client keeps the conversation together.
     pub thread: Option<String>,
+    pub kind: OutKind,
+    /// A link attached as XEP-0066 out-of-band data.
+    pub url: Option<String>,
+}
+
+impl OutgoingMessage {
+    pub fn chat(to: impl Into<String>, body: impl Into<String>, thread: Option<String>) -> Self {
+        OutgoingMessage {
+            to: to.into(),
+            body: body.into(),
+            thread,
+            kind: OutKind::Chat,
+            url: None,
+        }
+    }
+
+    pub fn groupchat(room: impl Into<String>, body: impl Into<String>) -> Self {
+        OutgoingMessage {
+            kind: OutKind::Groupchat,
+            ..OutgoingMessage::chat(room, body, None)
+        }
+    }
+}
+
+/// How available a contact says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Show {
+    /// Available with no `<show/>`.
+    Online,
+    Chat,
+    Away,
+    Xa,
+    Dnd,
+    /// `type='unavailable'`.
+    Unavailable,
+}
+
+/// What a presence from a group chat room adds (XEP-0045 `muc#user`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MucPresence {
+    /// The occupant's real bare JID, when the room shows it to us.
+    pub real_jid: Option<String>,
+    /// Status 110: this presence is about us.
+    pub is_self: bool,
+}
+
+/// A presence as the call core (or the `serve` shell) sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingPresence {
+    /// Sender's bare JID, normalised like [`IncomingMessage::from_bare`].
+    pub from_bare: String,
+    pub from_full: String,
+    pub show: Show,
+    /// `<status/>` text (default language, else the first).
+    pub status: Option<String>,
+    /// Set for a presence from a group chat occupant.
+    pub muc: Option<MucPresence>,
+}
+
+/// One contact of our roster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RosterItem {
+    /// Normalised bare JID.
+    pub jid: String,
+    /// We are subscribed to their presence (`to` or `both`).
+    pub subscribed: bool,
+    /// Our subscription request is waiting for their answer.
+    pub asked: bool,
 }
 
 /// State of the XMPP session as the call sees it.
@@ -66,6 +141,8 @@ pub enum TimerId {
     Setup,
     /// Guard while a prompt plays before leaving, in case its `F` never comes.
     Prompt,
+    /// Bounds the wait for the agents' presence (and a room join) after login.
+    Presence,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +151,13 @@ pub enum Input {
     Event(EventLine),
     Xmpp(XmppStatus),
     Message(IncomingMessage),
+    Presence(IncomingPresence),
+    /// Our roster, once after login.
+    Roster(Vec<RosterItem>),
+    /// We are in this group chat room.
+    Joined(String),
+    /// Joining this room failed, for this reason.
+    RoomFailed(String, String),
     Timer(TimerId),
     /// Asterisk closed our input (EOF) or output: nothing more can be said.
     Closed,

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::config::{Action, ActionKind, Profile, ReplyRule};
+use crate::config::{
+    Action, ActionKind, Agent, Mode, Nobody, PresencePolicy, Profile, ReplyRule, Room,
+};
 use crate::eivr::{Command, Event, EventLine};
 
 fn action(kind: ActionKind) -> Action {
@@ -51,6 +53,16 @@ fn profile() -> Profile {
         timeout: Duration::from_secs(30),
         default_action: action(ActionKind::Continue("voicemail".into())),
         forward_allow: vec!["_2XXX".into()],
+        mode: Mode::Interactive,
+        // The presence tests below set `Available`; the others pop
+        // whoever is a target.
+        presence: PresencePolicy::Any,
+        nobody: Nobody::Default,
+        presence_wait: Duration::from_millis(1500),
+        taken: "taken by $agent$: $outcome$".into(),
+        missed: "Missed call from $caller$".into(),
+        url: None,
+        room: None,
         origin: "test".into(),
     }
 }
@@ -496,16 +508,12 @@ fn each_agent_sees_their_own_values_and_who_answered() {
     let mut p = profile();
     p.template = "Pop for desk $desk$".into();
     p.confirm = "$outcome$ by $agent$, your desk $desk$".into();
-    let mut values = BTreeMap::new();
-    values.insert(
-        "alice@example.org".to_string(),
-        BTreeMap::from([("desk".to_string(), "2001".to_string())]),
-    );
-    values.insert(
-        "bob@example.org".to_string(),
-        BTreeMap::from([("desk".to_string(), "2002".to_string())]),
-    );
-    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]).with_agent_values(values);
+    p.taken = "taken by $agent$, your desk $desk$".into();
+    let agents = BTreeMap::from([
+        agent("alice@example.org", &[("desk", "2001")], None, 0),
+        agent("bob@example.org", &[("desk", "2002")], None, 0),
+    ]);
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]).with_agents(Arc::new(agents));
     call.start();
     call.handle(Input::Timer(TimerId::Setup));
     let pops = sent(&call.handle(Input::Xmpp(XmppStatus::Online)));
@@ -516,7 +524,7 @@ fn each_agent_sees_their_own_values_and_who_answered() {
         confirms[0],
         (
             "alice@example.org".into(),
-            "sent to desk by bob@example.org, your desk 2001".into()
+            "taken by bob@example.org, your desk 2001".into()
         )
     );
     assert_eq!(
@@ -549,4 +557,460 @@ fn sip_headers_come_from_variables_the_dialplan_set() {
     )));
     let pops = sent(&call.handle(Input::Xmpp(XmppStatus::Online)));
     assert_eq!(pops[0].1, "Customer C-42, gold");
+}
+
+fn agent(
+    jid: &str,
+    values: &[(&str, &str)],
+    exten: Option<&str>,
+    priority: i32,
+) -> (String, Agent) {
+    let a = Agent {
+        name: jid.into(),
+        jid: jid.into(),
+        values: values
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        exten: exten.map(str::to_string),
+        priority,
+        origin: "test".into(),
+    };
+    (jid.to_string(), a)
+}
+
+fn presence(full: &str, show: Show) -> Input {
+    Input::Presence(IncomingPresence {
+        from_bare: full.split('/').next().unwrap().into(),
+        from_full: full.into(),
+        show,
+        status: None,
+        muc: None,
+    })
+}
+
+fn roster(subscribed: &[&str]) -> Input {
+    Input::Roster(
+        subscribed
+            .iter()
+            .map(|j| RosterItem {
+                jid: j.to_string(),
+                subscribed: true,
+                asked: false,
+            })
+            .collect(),
+    )
+}
+
+fn with_presence(mut p: Profile, targets: &[&str]) -> Profile {
+    p.presence = PresencePolicy::Available;
+    p.targets = targets.iter().map(|t| t.to_string()).collect();
+    p
+}
+
+/// Started, variables read, logged in: waiting for roster and presence.
+fn online_call(p: Profile) -> (Call, Vec<Output>) {
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]);
+    let mut all = call.start();
+    all.extend(call.handle(ev(Event::Vars("CALLERID(num)=5551234".into()))));
+    all.extend(call.handle(ev(Event::Vars("CALLERID(name)=Doe".into()))));
+    all.extend(call.handle(Input::Xmpp(XmppStatus::Online)));
+    (call, all)
+}
+
+fn to(out: &[Output]) -> Vec<String> {
+    sent(out).into_iter().map(|(to, _)| to).collect()
+}
+
+const A: &str = "alice@example.org";
+const B: &str = "bob@example.org";
+const C: &str = "carol@example.org";
+
+#[test]
+fn the_pop_goes_only_to_available_agents_once_all_presence_is_in() {
+    let p = with_presence(profile(), &[A, B, C]);
+    let (mut call, out) = online_call(p);
+    assert!(sent(&out).is_empty(), "no pop before presence is known");
+    assert!(out.contains(&Output::SetTimer(
+        TimerId::Presence,
+        Duration::from_millis(1500)
+    )));
+    assert!(sent(&call.handle(roster(&[A, B, C]))).is_empty());
+    assert!(sent(&call.handle(presence("alice@example.org/phone", Show::Away))).is_empty());
+    assert!(sent(&call.handle(presence("bob@example.org/desk", Show::Chat))).is_empty());
+    // The last subscribed target is heard: no need to wait for the timer.
+    let out = call.handle(presence("carol@example.org", Show::Unavailable));
+    assert_eq!(to(&out), [B]);
+    assert!(out.contains(&Output::CancelTimer(TimerId::Presence)));
+    // Only those popped may steer.
+    assert!(commands(&call.handle(msg(A, "1"))).is_empty());
+    let cmds = commands(&call.handle(msg(B, "1")));
+    assert_eq!(var(&cmds, "POPIVR_AGENT"), Some(B));
+}
+
+#[test]
+fn any_available_resource_makes_the_agent_available() {
+    let p = with_presence(profile(), &[A]);
+    let (mut call, _) = online_call(p);
+    call.handle(roster(&[A]));
+    let out = call.handle(presence("alice@example.org/phone", Show::Xa));
+    // Heard, but xa does not count under `available`.
+    assert!(sent(&out).is_empty());
+    let mut p = with_presence(profile(), &[A]);
+    p.presence = PresencePolicy::Busy;
+    let (mut call, _) = online_call(p);
+    call.handle(roster(&[A]));
+    assert_eq!(
+        to(&call.handle(presence("alice@example.org/phone", Show::Dnd))),
+        [A]
+    );
+
+    let mut p = with_presence(profile(), &[A]);
+    p.presence = PresencePolicy::Away;
+    let (mut call, _) = online_call(p);
+    call.handle(roster(&[A]));
+    call.handle(presence("alice@example.org/phone", Show::Dnd));
+    call.handle(presence("alice@example.org/desk", Show::Away));
+    // Still waiting for nothing: pop went out with the first presence
+    // that decided it? No: the first presence completed the window.
+    assert!(call.handle(Input::Timer(TimerId::Presence)).is_empty());
+}
+
+#[test]
+fn a_silent_target_is_waited_for_only_until_the_presence_timer() {
+    let p = with_presence(profile(), &[A, B]);
+    let (mut call, _) = online_call(p);
+    call.handle(roster(&[A, B]));
+    assert!(sent(&call.handle(presence("alice@example.org/x", Show::Online))).is_empty());
+    let out = call.handle(Input::Timer(TimerId::Presence));
+    assert_eq!(to(&out), [A]);
+}
+
+#[test]
+fn a_target_without_subscription_counts_as_offline_and_is_named() {
+    let p = with_presence(profile(), &[A, B]);
+    let (mut call, _) = online_call(p);
+    let out = call.handle(roster(&[A]));
+    assert!(out.iter().any(
+        |o| matches!(o, Output::Log(Level::Warn, t) if t.contains(B) && t.contains("subscription"))
+    ));
+    // A's presence completes the window: B is not subscribed.
+    let out = call.handle(presence("alice@example.org/x", Show::Online));
+    assert_eq!(to(&out), [A]);
+}
+
+#[test]
+fn nobody_available_takes_the_default_action_at_once() {
+    let p = with_presence(profile(), &[A, B]);
+    let (mut call, _) = online_call(p);
+    call.handle(roster(&[A, B]));
+    call.handle(presence("alice@example.org/x", Show::Away));
+    let out = call.handle(presence("bob@example.org", Show::Unavailable));
+    assert!(sent(&out).is_empty());
+    let cmds = commands(&out);
+    assert_eq!(var(&cmds, "POPIVR_ACTION"), Some("voicemail"));
+    assert!(matches!(cmds.last(), Some(Command::Exit(_))));
+    assert!(out.iter().any(|o| matches!(o,
+        Output::Log(Level::Info, t) if t.contains("nobody available")
+            && t.contains("alice@example.org (away)")
+            && t.contains("bob@example.org (offline)"))));
+}
+
+#[test]
+fn nobody_available_can_pop_anyway_or_send_the_missed_notice() {
+    let mut p = with_presence(profile(), &[A, B]);
+    p.nobody = Nobody::Pop;
+    let (mut call, _) = online_call(p);
+    // No subscription at all: nothing to wait for.
+    let out = call.handle(roster(&[]));
+    assert_eq!(to(&out), [A, B]);
+    assert!(commands(&out).is_empty(), "the call waits for a reply");
+
+    let mut p = with_presence(profile(), &[A, B]);
+    p.nobody = Nobody::Missed;
+    let (mut call, _) = online_call(p);
+    let out = call.handle(roster(&[]));
+    assert_eq!(
+        sent(&out),
+        [
+            (A.to_string(), "Missed call from 5551234".to_string()),
+            (B.to_string(), "Missed call from 5551234".to_string())
+        ]
+    );
+    assert_eq!(var(&commands(&out), "POPIVR_ACTION"), Some("voicemail"));
+}
+
+#[test]
+fn a_team_race_gives_one_action_and_tells_everyone() {
+    let (mut call, _) = popped_call();
+    let first = call.handle(msg(B, "1"));
+    let second = call.handle(msg(A, "2"));
+    assert_eq!(
+        commands(&first)
+            .iter()
+            .filter(|c| matches!(c, Command::Exit(_) | Command::Hangup(_)))
+            .count(),
+        1
+    );
+    assert_eq!(var(&commands(&first), "POPIVR_AGENT"), Some(B));
+    let told = sent(&first);
+    assert!(told.contains(&(A.into(), "taken by bob@example.org: sent to desk".into())));
+    assert!(told.contains(&(B.into(), "Call from 5551234: sent to desk".into())));
+    assert!(commands(&second).is_empty());
+    assert_eq!(
+        sent(&second),
+        [(
+            A.into(),
+            "This call was already handled: sent to desk.".into()
+        )]
+    );
+}
+
+#[test]
+fn a_target_who_comes_online_later_gets_the_pop_too() {
+    let p = with_presence(profile(), &[A, B]);
+    let (mut call, _) = online_call(p);
+    call.handle(roster(&[A, B]));
+    call.handle(presence("alice@example.org/x", Show::Online));
+    call.handle(presence("bob@example.org", Show::Unavailable));
+    let out = call.handle(presence("bob@example.org/phone", Show::Online));
+    assert_eq!(to(&out), [B]);
+    // And may answer.
+    assert_eq!(
+        var(&commands(&call.handle(msg(B, "1"))), "POPIVR_AGENT"),
+        Some(B)
+    );
+}
+
+#[test]
+fn route_mode_picks_the_first_available_agent_by_priority() {
+    let mut p = with_presence(profile(), &[A, B, C]);
+    p.mode = Mode::Route;
+    let agents = BTreeMap::from([
+        agent(A, &[], Some("2001"), 5),
+        agent(B, &[], Some("2002"), 1),
+        agent(C, &[], Some("2003"), 0),
+    ]);
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]).with_agents(Arc::new(agents));
+    call.start();
+    call.handle(Input::Timer(TimerId::Setup));
+    call.handle(Input::Xmpp(XmppStatus::Online));
+    call.handle(roster(&[A, B, C]));
+    call.handle(presence("alice@example.org/x", Show::Online));
+    call.handle(presence("carol@example.org", Show::Unavailable));
+    let out = call.handle(presence("bob@example.org/y", Show::Chat));
+    assert_eq!(to(&out), [B], "C has a better priority but is offline");
+    let cmds = commands(&out);
+    assert_eq!(var(&cmds, "POPIVR_ACTION"), Some("route"));
+    assert_eq!(var(&cmds, "POPIVR_AGENT"), Some(B));
+    assert_eq!(var(&cmds, "POPIVR_AGENT_EXTEN"), Some("2002"));
+    assert!(matches!(cmds.last(), Some(Command::Exit(_))));
+    // A reply afterwards changes nothing.
+    assert!(commands(&call.handle(msg(B, "1"))).is_empty());
+}
+
+#[test]
+fn route_mode_with_nobody_available_takes_the_default_action() {
+    let mut p = with_presence(profile(), &[A]);
+    p.mode = Mode::Route;
+    p.nobody = Nobody::Pop;
+    let (mut call, _) = online_call(p);
+    call.handle(roster(&[A]));
+    let out = call.handle(presence("alice@example.org", Show::Unavailable));
+    assert!(
+        sent(&out).is_empty(),
+        "nobody is routed to an offline agent"
+    );
+    assert_eq!(var(&commands(&out), "POPIVR_ACTION"), Some("voicemail"));
+}
+
+#[test]
+fn notify_mode_pops_then_leaves() {
+    let mut p = profile();
+    p.mode = Mode::Notify;
+    let (_, out) = popped_call_with(p);
+    let sends = out
+        .iter()
+        .position(|o| matches!(o, Output::Send(_)))
+        .unwrap();
+    let exit = out
+        .iter()
+        .position(|o| matches!(o, Output::Command(Command::Exit(_))))
+        .unwrap();
+    assert!(sends < exit, "the pop is handed over before E");
+    let cmds = commands(&out);
+    assert_eq!(var(&cmds, "POPIVR_ACTION"), Some("notify"));
+    assert_eq!(
+        var(&cmds, "POPIVR_AGENT"),
+        Some("alice@example.org bob@example.org")
+    );
+}
+
+#[test]
+fn a_mode_that_does_not_wait_acts_at_once_when_xmpp_fails() {
+    let mut p = profile();
+    p.mode = Mode::Notify;
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]);
+    call.start();
+    let out = call.handle(Input::Xmpp(XmppStatus::Failed("refused".into())));
+    assert_eq!(var(&commands(&out), "POPIVR_ACTION"), Some("voicemail"));
+}
+
+#[test]
+fn missed_mode_plays_nothing_and_sends_the_notice() {
+    let mut p = with_presence(profile(), &[A, B]);
+    p.mode = Mode::Missed;
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]);
+    let start = commands(&call.start());
+    assert!(
+        start.iter().all(|c| matches!(c, Command::GetVars(_))),
+        "{start:?}"
+    );
+    // Asterisk may report the hangup; the notice must still go out.
+    assert!(!call.handle(ev(Event::Hangup)).contains(&Output::Done));
+    call.handle(ev(Event::Vars("CALLERID(num)=5551234".into())));
+    call.handle(ev(Event::Vars("CALLERID(name)=Doe".into())));
+    call.handle(Input::Xmpp(XmppStatus::Online));
+    call.handle(roster(&[A, B]));
+    call.handle(presence("alice@example.org/x", Show::Online));
+    let out = call.handle(presence("bob@example.org/x", Show::Dnd));
+    assert_eq!(sent(&out), [(A.into(), "Missed call from 5551234".into())]);
+    let cmds = commands(&out);
+    assert_eq!(var(&cmds, "POPIVR_ACTION"), Some("missed"));
+    assert!(matches!(cmds.last(), Some(Command::Exit(_))));
+}
+
+fn popped_call_with(p: Profile) -> (Call, Vec<Output>) {
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]);
+    let mut all = call.start();
+    all.extend(call.handle(ev(Event::Vars("CALLERID(num)=5551234".into()))));
+    all.extend(call.handle(ev(Event::Vars("CALLERID(name)=Doe, John".into()))));
+    all.extend(call.handle(Input::Xmpp(XmppStatus::Online)));
+    (call, all)
+}
+
+#[test]
+fn the_crm_link_is_appended_encoded_and_attached() {
+    let mut p = profile();
+    p.url = Some("https://crm.example.org/find?n=$caller$&who=$caller_name$".into());
+    let (_, out) = popped_call_with(p);
+    let pops: Vec<&OutgoingMessage> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    let link = "https://crm.example.org/find?n=5551234&who=Doe%2C%20John";
+    assert_eq!(pops[0].url.as_deref(), Some(link));
+    assert!(
+        pops[0].body.ends_with(&format!("\n{link}")),
+        "{}",
+        pops[0].body
+    );
+}
+
+const ROOM: &str = "sales@conference.example.org";
+
+fn room_profile(allow_jids: &[&str], allow_nicks: &[&str]) -> Profile {
+    let mut p = profile();
+    p.targets.clear();
+    p.room = Some(Room {
+        jid: ROOM.into(),
+        nick: "popivr".into(),
+        allow_jids: allow_jids.iter().map(|j| j.to_string()).collect(),
+        allow_nicks: allow_nicks.iter().map(|j| j.to_string()).collect(),
+    });
+    p
+}
+
+fn occupant(nick: &str, real: Option<&str>) -> Input {
+    Input::Presence(IncomingPresence {
+        from_bare: ROOM.into(),
+        from_full: format!("{ROOM}/{nick}"),
+        show: Show::Online,
+        status: None,
+        muc: Some(MucPresence {
+            real_jid: real.map(str::to_string),
+            is_self: false,
+        }),
+    })
+}
+
+fn room_says(nick: &str, body: &str) -> Input {
+    Input::Message(IncomingMessage {
+        from_bare: ROOM.into(),
+        from_full: format!("{ROOM}/{nick}"),
+        kind: MsgKind::Groupchat,
+        body: Some(body.into()),
+        delayed: false,
+        forwarded: false,
+        thread: None,
+    })
+}
+
+fn room_msgs(out: &[Output]) -> Vec<String> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send(m) if m.kind == OutKind::Groupchat && m.to == ROOM => Some(m.body.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_room_pop_waits_for_the_join_and_takes_an_allowed_occupant_reply() {
+    let (mut call, out) = popped_call_with(room_profile(&[A], &[]));
+    assert!(room_msgs(&out).is_empty(), "not joined yet");
+    call.handle(occupant("al", Some(A)));
+    call.handle(occupant("mallory", Some("mallory@example.org")));
+    let out = call.handle(Input::Joined(ROOM.into()));
+    assert_eq!(room_msgs(&out), ["Call from Doe, John <5551234>"]);
+    // Our own echo, a stranger and old history never steer.
+    assert!(commands(&call.handle(room_says("popivr", "1"))).is_empty());
+    assert!(commands(&call.handle(room_says("mallory", "1"))).is_empty());
+    let mut old = room_says("al", "1");
+    if let Input::Message(m) = &mut old {
+        m.delayed = true;
+    }
+    assert!(commands(&call.handle(old)).is_empty());
+    // A one-to-one message from the room's JID is no reply either.
+    assert!(commands(&call.handle(msg(ROOM, "1"))).is_empty());
+    let out = call.handle(room_says("al", "1"));
+    let cmds = commands(&out);
+    assert_eq!(var(&cmds, "POPIVR_AGENT"), Some(A));
+    assert_eq!(room_msgs(&out), ["Call from 5551234: sent to desk"]);
+    let late = call.handle(room_says("al", "2"));
+    assert_eq!(
+        room_msgs(&late),
+        ["al: This call was already handled: sent to desk."]
+    );
+}
+
+#[test]
+fn a_room_that_hides_real_jids_is_answered_by_allowed_nicks() {
+    let (mut call, _) = popped_call_with(room_profile(&[A], &["desk1"]));
+    call.handle(occupant("desk1", None));
+    call.handle(occupant("desk2", None));
+    call.handle(Input::Joined(ROOM.into()));
+    assert!(commands(&call.handle(room_says("desk2", "1"))).is_empty());
+    let out = call.handle(room_says("desk1", "bogus"));
+    assert_eq!(room_msgs(&out), ["desk1: Reply 1 or 2"]);
+    let cmds = commands(&call.handle(room_says("desk1", "1")));
+    assert_eq!(
+        var(&cmds, "POPIVR_AGENT"),
+        Some("sales@conference.example.org/desk1")
+    );
+}
+
+#[test]
+fn a_failed_join_leaves_the_room_out() {
+    let (mut call, _) = popped_call_with(room_profile(&[A], &[]));
+    let out = call.handle(Input::RoomFailed(ROOM.into(), "Forbidden".into()));
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Log(Level::Error, t) if t.contains("Forbidden")))
+    );
+    // Nobody else to pop: the default action at once.
+    assert_eq!(var(&commands(&out), "POPIVR_ACTION"), Some("voicemail"));
 }

@@ -12,7 +12,10 @@ use std::time::Duration;
 use super::ini::{
     Entry, Ini, IniError, IniErrorKind, Location, Section, edit_distance, parse_ini, parse_ini_str,
 };
-use super::{Account, Action, ActionKind, Agent, Config, General, Profile, ReplyRule};
+use super::{
+    Account, Action, ActionKind, Agent, Config, General, Group, Mode, Nobody, PresencePolicy,
+    Profile, ReplyRule, Room,
+};
 use crate::forward;
 use crate::template::{self, Placeholder};
 
@@ -27,6 +30,13 @@ pub const DEFAULT_VARIABLES: [&str; 5] = [
 /// Hold audio when a profile names none.
 pub const DEFAULT_HOLD: &str = "silence/1";
 pub const DEFAULT_CONFIRM: &str = "Call from $caller$: $outcome$";
+/// Sent to the other agents when one took the call.
+pub const DEFAULT_TAKEN: &str = "Call from $caller$ was taken by $agent$: $outcome$";
+/// The missed-call notice.
+pub const DEFAULT_MISSED: &str = "Missed call from $caller$ $caller_name$ to $number$.";
+/// How long presence may take to come in after login.
+const DEFAULT_PRESENCE_WAIT: Duration = Duration::from_millis(1500);
+const MAX_NICK: usize = 64;
 const DEFAULT_TEMPLATE_HEAD: &str = "Call from $caller_name$ <$caller$> to $number$.";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_DEFAULT_LABEL: &str = "timeout";
@@ -90,8 +100,19 @@ const PROFILE_KEYS: &[&str] = &[
     "timeout",
     "default",
     "forward_allow",
+    "mode",
+    "presence",
+    "nobody",
+    "presence_wait",
+    "taken",
+    "missed",
+    "url",
+    "room",
+    "nick",
+    "room_allow",
 ];
-const AGENT_KEYS: &[&str] = &["type", "jid", "value"];
+const AGENT_KEYS: &[&str] = &["type", "jid", "value", "exten", "priority"];
+const GROUP_KEYS: &[&str] = &["type", "members"];
 /// Keys that may be given several times; all of them count.
 const REPEATABLE: &[&str] = &["reply", "key", "value"];
 
@@ -412,12 +433,14 @@ fn build(ini: Ini) -> Result<Config, ConfigError> {
 
     let mut profile_sections = Vec::new();
     let mut agent_sections = Vec::new();
+    let mut group_sections = Vec::new();
     let mut own_accounts = BTreeSet::new();
     for s in sections.iter().copied().filter(|s| !is_general(s)) {
         let Some(t) = s.get("type") else {
             sink.section(
                 s,
-                "has no `type`: set `type = client`, `type = profile` or `type = agent`",
+                "has no `type`: set `type = client`, `type = profile`, `type = agent` \
+                 or `type = group`",
             );
             continue;
         };
@@ -431,8 +454,9 @@ fn build(ini: Ini) -> Result<Config, ConfigError> {
             }
             "profile" => profile_sections.push(s),
             "agent" => agent_sections.push(s),
+            "group" => group_sections.push(s),
             "component" => sink.invalid(s, t, "XMPP components are not supported"),
-            _ => sink.invalid(s, t, "expected `client`, `profile` or `agent`"),
+            _ => sink.invalid(s, t, "expected `client`, `profile`, `agent` or `group`"),
         }
     }
 
@@ -478,6 +502,11 @@ fn build(ini: Ini) -> Result<Config, ConfigError> {
             }
         }
     }
+    for s in group_sections {
+        if let Some(g) = group(s, &mut sink) {
+            config.groups.insert(g.name.clone(), g);
+        }
+    }
     let custom: BTreeSet<&str> = config
         .agents
         .values()
@@ -486,7 +515,7 @@ fn build(ini: Ini) -> Result<Config, ConfigError> {
 
     let mut profiles = BTreeMap::new();
     for s in profile_sections {
-        if let Some(p) = profile(s, &custom, &mut sink) {
+        if let Some(p) = profile(s, &custom, &config.groups, &mut sink) {
             if !p.account.is_empty() && !config.accounts.contains_key(&p.account) {
                 let e = s.get("account").expect("a named account has an entry");
                 sink.invalid(
@@ -925,12 +954,89 @@ fn agent(s: &Section, sink: &mut Sink) -> Option<Agent> {
             values.insert(name.to_string(), text.to_string());
         }
     }
+    let exten = s.get("exten").and_then(|e| {
+        let ok = (1..=MAX_LABEL).contains(&e.value.len())
+            && e.value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"*#+_-".contains(&b));
+        if !ok {
+            sink.invalid(s, e, "use 1 to 32 of A-Z a-z 0-9 * # + _ -");
+        }
+        ok.then(|| e.value.clone())
+    });
+    let priority = match s.get("priority") {
+        None => 0,
+        Some(e) => e.value.parse::<i32>().unwrap_or_else(|_| {
+            sink.invalid(s, e, "expected a whole number (lower goes first)");
+            0
+        }),
+    };
     (sink.problems.len() == before).then(|| Agent {
         name: s.name.clone(),
         jid,
         values,
+        exten,
+        priority,
         origin: s.at.to_string(),
     })
+}
+
+fn group(s: &Section, sink: &mut Sink) -> Option<Group> {
+    let before = sink.problems.len();
+    check_keys(s, GROUP_KEYS, &[], false, sink);
+    let mut members = Vec::new();
+    match s.get("members") {
+        None => sink.missing(s, "members", ""),
+        Some(e) => match items(&e.value) {
+            Err(r) => sink.invalid(s, e, r),
+            Ok(list) => {
+                for m in list {
+                    match normalize_jid(m) {
+                        Err(err) => sink.invalid(s, e, format_args!("`{m}`: {err}")),
+                        Ok(j) if members.contains(&j) => {}
+                        Ok(j) => members.push(j),
+                    }
+                }
+            }
+        },
+    }
+    (sink.problems.len() == before).then(|| Group {
+        name: s.name.clone(),
+        members,
+        origin: s.at.to_string(),
+    })
+}
+
+/// `@group` in a target list: its members.
+fn expand_group<'a>(
+    name: &str,
+    groups: &'a BTreeMap<String, Group>,
+) -> Result<&'a [String], String> {
+    groups
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, g)| g.members.as_slice())
+        .ok_or_else(|| format!("no `type = group` section [{name}]"))
+}
+
+fn one_of<T: Copy>(s: &Section, key: &str, choices: &[(&str, T)], sink: &mut Sink) -> T {
+    let default = choices[0].1;
+    let Some(e) = s.get(key) else {
+        return default;
+    };
+    let v = e.value.to_ascii_lowercase();
+    match choices.iter().find(|(name, _)| *name == v) {
+        Some((_, t)) => *t,
+        None => {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            sink.invalid(s, e, format_args!("expected one of {}", names.join(", ")));
+            default
+        }
+    }
+}
+
+fn nick_ok(n: &str) -> bool {
+    !n.is_empty() && n.chars().count() <= MAX_NICK && !n.chars().any(char::is_control)
 }
 
 /// `continue LABEL [prompt FILE]` | `forward [NUMBER] [prompt FILE]` |
@@ -1059,7 +1165,12 @@ pub fn default_help(rules: &[ReplyRule]) -> String {
     format!("Reply {}", parts.join(", "))
 }
 
-fn profile(s: &Section, custom: &BTreeSet<&str>, sink: &mut Sink) -> Option<Profile> {
+fn profile(
+    s: &Section,
+    custom: &BTreeSet<&str>,
+    groups: &BTreeMap<String, Group>,
+    sink: &mut Sink,
+) -> Option<Profile> {
     let before = sink.problems.len();
     check_keys(s, PROFILE_KEYS, &[], false, sink);
 
@@ -1069,6 +1180,19 @@ fn profile(s: &Section, custom: &BTreeSet<&str>, sink: &mut Sink) -> Option<Prof
             Err(r) => sink.invalid(s, e, r),
             Ok(list) => {
                 for t in list {
+                    if let Some(name) = t.strip_prefix('@') {
+                        match expand_group(name, groups) {
+                            Err(r) => sink.invalid(s, e, format_args!("`{t}`: {r}")),
+                            Ok(members) => {
+                                for m in members {
+                                    if !targets.contains(m) {
+                                        targets.push(m.clone());
+                                    }
+                                }
+                            }
+                        }
+                        continue;
+                    }
                     match normalize_jid(t) {
                         Err(err) => sink.invalid(s, e, format_args!("`{t}`: {err}")),
                         Ok(j) if targets.contains(&j) => {
@@ -1084,11 +1208,80 @@ fn profile(s: &Section, custom: &BTreeSet<&str>, sink: &mut Sink) -> Option<Prof
         }
     }
 
+    let mode = one_of(
+        s,
+        "mode",
+        &[
+            ("interactive", Mode::Interactive),
+            ("notify", Mode::Notify),
+            ("route", Mode::Route),
+            ("missed", Mode::Missed),
+        ],
+        sink,
+    );
+    let presence = one_of(
+        s,
+        "presence",
+        &[
+            ("available", PresencePolicy::Available),
+            ("away", PresencePolicy::Away),
+            ("busy", PresencePolicy::Busy),
+            ("any", PresencePolicy::Any),
+        ],
+        sink,
+    );
+    let nobody = one_of(
+        s,
+        "nobody",
+        &[
+            ("default", Nobody::Default),
+            ("pop", Nobody::Pop),
+            ("missed", Nobody::Missed),
+        ],
+        sink,
+    );
+    let presence_wait = match s.get("presence_wait") {
+        None => DEFAULT_PRESENCE_WAIT,
+        Some(e) => seconds(&e.value).unwrap_or_else(|r| {
+            sink.invalid(s, e, r);
+            DEFAULT_PRESENCE_WAIT
+        }),
+    };
+
+    let room = match s.get("room") {
+        None => {
+            for key in ["nick", "room_allow"] {
+                if let Some(e) = s.get(key) {
+                    sink.warn(
+                        &e.at,
+                        format_args!("[{}] `{key}` does nothing without `room`", s.name),
+                    );
+                }
+            }
+            None
+        }
+        Some(e) => room(s, e, &targets, sink),
+    };
+    if mode == Mode::Route && room.is_some() {
+        let e = s.get("room").expect("room is set");
+        sink.invalid(
+            s,
+            e,
+            "`mode = route` picks one agent by presence; a room cannot be dialled",
+        );
+    }
+    if mode == Mode::Route && targets.is_empty() {
+        sink.missing(s, "targets", " (`mode = route` picks one of them)");
+    }
+    if matches!(mode, Mode::Notify | Mode::Missed) && targets.is_empty() && room.is_none() {
+        sink.missing(s, "targets", " (this mode only sends messages)");
+    }
+
     let account = s
         .get("account")
         .map(|e| e.value.clone())
         .unwrap_or_default();
-    if account.is_empty() && !targets.is_empty() {
+    if account.is_empty() && (!targets.is_empty() || room.is_some()) {
         sink.missing(s, "account", " (the profile has targets to send pops to)");
     }
 
@@ -1291,8 +1484,13 @@ fn profile(s: &Section, custom: &BTreeSet<&str>, sink: &mut Sink) -> Option<Prof
         .unwrap_or_else(|| (format!("{DEFAULT_TEMPLATE_HEAD} {help}"), s.at.clone()));
     let (confirm, confirm_at) =
         text(sink, "confirm").unwrap_or_else(|| (DEFAULT_CONFIRM.to_string(), s.at.clone()));
+    // Defaults are not checked for empty placeholders: the admin did not
+    // write them.
+    let taken = text(sink, "taken");
+    let missed = text(sink, "missed");
+    let url = text(sink, "url");
 
-    if targets.is_empty() {
+    if targets.is_empty() && room.is_none() {
         if keys.is_empty() {
             sink.warn(
                 &s.at,
@@ -1317,6 +1515,28 @@ fn profile(s: &Section, custom: &BTreeSet<&str>, sink: &mut Sink) -> Option<Prof
         };
         known.check(&template, &template_at, "template", true, sink);
         known.check(&confirm, &confirm_at, "confirm", false, sink);
+        for (key, text, is_pop) in [
+            ("taken", &taken, false),
+            ("missed", &missed, true),
+            ("url", &url, true),
+        ] {
+            if let Some((text, at)) = text {
+                known.check(text, at, key, is_pop, sink);
+            }
+        }
+    }
+    if mode != Mode::Interactive {
+        for key in ["reply", "key"] {
+            if let Some(e) = s.get(key) {
+                sink.warn(
+                    &e.at,
+                    format_args!(
+                        "[{}] `{key}` rules do nothing in this mode: the call leaves without waiting",
+                        s.name
+                    ),
+                );
+            }
+        }
     }
 
     (sink.problems.len() == before).then(|| Profile {
@@ -1334,7 +1554,77 @@ fn profile(s: &Section, custom: &BTreeSet<&str>, sink: &mut Sink) -> Option<Prof
         timeout,
         default_action,
         forward_allow,
+        mode,
+        presence,
+        nobody,
+        presence_wait,
+        taken: taken.map_or_else(|| DEFAULT_TAKEN.to_string(), |(t, _)| t),
+        missed: missed.map_or_else(|| DEFAULT_MISSED.to_string(), |(t, _)| t),
+        url: url.map(|(u, _)| u),
+        room,
         origin: s.at.to_string(),
+    })
+}
+
+/// `room`, `nick`, `room_allow`.
+fn room(s: &Section, e: &Entry, targets: &[String], sink: &mut Sink) -> Option<Room> {
+    let jid = match normalize_jid(&e.value) {
+        Ok(j) => j,
+        Err(err) => {
+            sink.invalid(s, e, format_args!("`{}`: {err}", e.value));
+            return None;
+        }
+    };
+    let nick = match s.get("nick") {
+        None => "popivr".to_string(),
+        Some(n) if nick_ok(n.value.trim()) => n.value.trim().to_string(),
+        Some(n) => {
+            sink.invalid(s, n, format_args!("1 to {MAX_NICK} printable characters"));
+            return None;
+        }
+    };
+    let mut allow_jids = Vec::new();
+    let mut allow_nicks = Vec::new();
+    if let Some(a) = s.get("room_allow") {
+        match items(&a.value) {
+            Err(r) => sink.invalid(s, a, r),
+            Ok(list) => {
+                for item in list {
+                    if item.contains('@') {
+                        match normalize_jid(item) {
+                            Ok(j) => allow_jids.push(j),
+                            Err(err) => sink.invalid(s, a, format_args!("`{item}`: {err}")),
+                        }
+                    } else if nick_ok(item) {
+                        allow_nicks.push(item.to_string());
+                    } else {
+                        sink.invalid(
+                            s,
+                            a,
+                            format_args!("nick `{item}`: printable, 1 to {MAX_NICK}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if allow_jids.is_empty() {
+        allow_jids = targets.to_vec();
+    }
+    if allow_jids.is_empty() && allow_nicks.is_empty() {
+        sink.warn(
+            &e.at,
+            format_args!(
+                "[{}] nobody in room {jid} may answer: list them in `room_allow` or `targets`",
+                s.name
+            ),
+        );
+    }
+    Some(Room {
+        jid,
+        nick,
+        allow_jids,
+        allow_nicks,
     })
 }
 

@@ -24,6 +24,8 @@ pub struct Config {
     pub general: General,
     /// `type = agent` sections, by normalised bare JID.
     pub agents: BTreeMap<String, Agent>,
+    /// `type = group` sections, by section name.
+    pub groups: BTreeMap<String, Group>,
     /// Things worth telling the admin that do not stop popivr
     /// (`file:line: text`): ignored keys, a secret others can read, …
     pub warnings: Vec<String>,
@@ -58,6 +60,21 @@ pub struct Agent {
     pub jid: String,
     /// `value = name=text`, repeatable.
     pub values: BTreeMap<String, String>,
+    /// `exten`: where the dialplan reaches this agent (presence routing
+    /// sets `POPIVR_AGENT_EXTEN` to it).
+    pub exten: Option<String>,
+    /// `priority` (default 0): presence routing tries lower numbers first;
+    /// equal ones keep the order of the profile's `targets`.
+    pub priority: i32,
+    pub origin: String,
+}
+
+/// `type = group`: a named list of agents, used in `targets` as `@name`.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub name: String,
+    /// `members`: normalised bare JIDs, in order.
+    pub members: Vec<String>,
     pub origin: String,
 }
 
@@ -131,6 +148,63 @@ pub struct ReplyRule {
     pub action: Action,
 }
 
+/// What a profile does with a call (`mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Pop, then wait for a reply, a key or the timeout.
+    #[default]
+    Interactive,
+    /// Pop, then `E` at once: the dialplan goes on while agents read it.
+    Notify,
+    /// No reply: pick the first available agent, pop them and `E` with
+    /// `POPIVR_AGENT`/`POPIVR_AGENT_EXTEN` set for the dialplan to dial.
+    Route,
+    /// For the `h` extension (option `d`): no audio; send the missed-call
+    /// notice built from the channel variables, then `E`.
+    Missed,
+}
+
+/// Which presence makes an agent available (`presence`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PresencePolicy {
+    /// Online or free for chat.
+    #[default]
+    Available,
+    /// Also away.
+    Away,
+    /// Any available resource, whatever its show (also xa, dnd).
+    Busy,
+    /// Ignore presence: every target, even offline ones.
+    Any,
+}
+
+/// What to do when no target is available (`nobody`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Nobody {
+    /// Take the default action at once.
+    #[default]
+    Default,
+    /// Send to every target anyway (offline ones get it from storage).
+    Pop,
+    /// Send every target the missed-call notice, then the default action.
+    Missed,
+}
+
+/// `room`: pop into a group chat (XEP-0045) too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    /// The room's bare JID.
+    pub jid: String,
+    /// `nick`: ours in the room.
+    pub nick: String,
+    /// Occupants whose real JID is one of these may answer (from
+    /// `room_allow` entries holding `@`, else the profile's targets).
+    pub allow_jids: Vec<String>,
+    /// Occupants with these nicks may answer, only in a room that hides
+    /// real JIDs (`room_allow` entries without `@`).
+    pub allow_nicks: Vec<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub name: String,
@@ -158,5 +232,26 @@ pub struct Profile {
     pub default_action: Action,
     /// FILTER-like allowed numbers for `forward`: Asterisk patterns (`_2XXX`) or literals.
     pub forward_allow: Vec<String>,
+    pub mode: Mode,
+    pub presence: PresencePolicy,
+    pub nobody: Nobody,
+    /// How long presence may take to come in after login before the pop
+    /// goes to those known to be available.
+    pub presence_wait: Duration,
+    /// Sent to the other agents when one of them took the call.
+    pub taken: String,
+    /// The missed-call notice.
+    pub missed: String,
+    /// `url`: a CRM link template (values URL-encoded), appended to the pop
+    /// and attached as XEP-0066 out-of-band data.
+    pub url: Option<String>,
+    pub room: Option<Room>,
     pub origin: String,
+}
+
+impl Profile {
+    /// Whether the profile talks XMPP at all.
+    pub fn uses_xmpp(&self) -> bool {
+        !self.targets.is_empty() || self.room.is_some()
+    }
 }

@@ -24,9 +24,14 @@ pub struct Script {
     pub think: Duration,
 }
 
-/// Log in and come online (presence sent), as an agent at their desk.
-pub async fn login(account: Account) -> Result<Session> {
-    let mut session = xmpp::spawn(account);
+/// Log in and come online (presence sent), as an agent at their desk who
+/// accepts popivr's (`pbx`) request to see their presence.
+pub async fn login(account: Account, pbx: &str) -> Result<Session> {
+    let options = xmpp::SessionOptions {
+        contacts: vec![pbx.to_string()],
+        rooms: Vec::new(),
+    };
+    let mut session = xmpp::spawn(account, options);
     match timeout(PATIENCE, session.recv()).await {
         Ok(Some(XmppEvent::Status(XmppStatus::Online))) => Ok(session),
         Ok(Some(XmppEvent::Status(XmppStatus::Failed(why)))) => {
@@ -45,11 +50,11 @@ pub async fn play(mut session: Session, pbx: String, script: Script, log: AgentL
         format!("pop from {pbx}: {}", pop.body.as_deref().unwrap_or("")),
     );
     tokio::time::sleep(script.think).await;
-    session.send(OutgoingMessage {
-        to: pbx.clone(),
-        body: script.reply.clone(),
-        thread: pop.thread.clone(),
-    });
+    session.send(OutgoingMessage::chat(
+        pbx.clone(),
+        script.reply.clone(),
+        pop.thread.clone(),
+    ));
     log.push(Side::Sent, format!("reply to {pbx}: {}", script.reply));
     match next_from(&mut session, &pbx).await {
         Ok(m) => log.push(

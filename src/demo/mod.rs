@@ -125,8 +125,22 @@ async fn demo(options: &Options) -> Result<ExitCode> {
         }
     }
 
-    let agent_session = agent::login(server.account(AGENT_USER, &agent_secret)).await?;
+    let agent_session = agent::login(server.account(AGENT_USER, &agent_secret), &pbx).await?;
     println!("  agent        {alice} is online and waits for calls");
+    // popivr pops only agents it sees online: subscribe to the agent's
+    // presence once, as `popivr check` does on a real server.
+    let pbx_account = server.account(PBX_USER, &pbx_secret);
+    let roster = popivr::xmpp::survey(
+        &pbx_account,
+        std::slice::from_ref(&alice),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("popivr's account could not log in: {e}"))?;
+    if !roster.iter().all(|c| c.subscribed) {
+        anyhow::bail!("the agent did not accept popivr's presence subscription");
+    }
+    println!("  roster       {pbx} sees {alice}'s presence (subscription accepted)");
 
     let data = invocation(&exe)?;
     println!("  Asterisk     simulated: ExternalIVR({data})");

@@ -18,18 +18,19 @@ mod error;
 mod login;
 mod session;
 mod stanza;
+mod survey;
 mod tls;
 mod transport;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-pub use crate::call::XmppStatus;
 use crate::call::{IncomingMessage, Input, OutgoingMessage};
-use crate::config::Account;
+pub use crate::call::{IncomingPresence, RosterItem, Show, XmppStatus};
+use crate::config::{Account, Profile};
 pub use error::{Phase, XmppError};
 pub use login::{Connection, LoginTimings, login};
-pub use stanza::{IncomingPresence, Show};
+pub use survey::{ContactState, survey};
 
 /// What a session reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,15 +40,52 @@ pub enum XmppEvent {
     Status(XmppStatus),
     Message(IncomingMessage),
     Presence(IncomingPresence),
+    /// The roster, once after login (only when there are contacts).
+    Roster(Vec<RosterItem>),
+    /// One roster entry changed (a contact accepted our request …).
+    RosterUpdate(RosterItem),
+    /// We are in this room.
+    Joined(String),
+    /// Joining this room failed, for this reason.
+    RoomFailed(String, String),
 }
 
 impl XmppEvent {
-    /// The call core's view of this event (presence is not a call input yet).
+    /// The call core's view of this event.
     pub fn into_input(self) -> Option<Input> {
         match self {
             XmppEvent::Status(s) => Some(Input::Xmpp(s)),
             XmppEvent::Message(m) => Some(Input::Message(m)),
-            XmppEvent::Presence(_) => None,
+            XmppEvent::Presence(p) => Some(Input::Presence(p)),
+            XmppEvent::Roster(items) => Some(Input::Roster(items)),
+            XmppEvent::RosterUpdate(_) => None,
+            XmppEvent::Joined(room) => Some(Input::Joined(room)),
+            XmppEvent::RoomFailed(room, cause) => Some(Input::RoomFailed(room, cause)),
+        }
+    }
+}
+
+/// What a session does besides logging in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// Bare JIDs whose presence we want: the session fetches the roster,
+    /// asks these contacts for a subscription when it has none, and
+    /// accepts their own requests.
+    pub contacts: Vec<String>,
+    /// Group chat rooms to join: (room bare JID, our nick).
+    pub rooms: Vec<(String, String)>,
+}
+
+impl SessionOptions {
+    /// What a call of `profile` needs.
+    pub fn for_profile(profile: &Profile) -> Self {
+        SessionOptions {
+            contacts: profile.targets.clone(),
+            rooms: profile
+                .room
+                .iter()
+                .map(|r| (r.jid.clone(), r.nick.clone()))
+                .collect(),
         }
     }
 }
@@ -67,10 +105,10 @@ pub struct Session {
 
 /// Start logging in as `account` in a background task. Must be called
 /// inside a tokio runtime.
-pub fn spawn(account: Account) -> Session {
+pub fn spawn(account: Account, options: SessionOptions) -> Session {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
-    let task = tokio::spawn(session::run(account, cmd_rx, event_tx));
+    let task = tokio::spawn(session::run(account, options, cmd_rx, event_tx));
     Session {
         cmds: cmd_tx,
         events: event_rx,

@@ -9,15 +9,21 @@ use tokio_xmpp::Stanza;
 use tokio_xmpp::xmlstream::{FallibleStreamElement, ReadError, XmppStreamElement};
 use xmpp_parsers::{
     iq::Iq,
-    jid::{BareJid, FullJid},
+    jid::{BareJid, FullJid, Jid},
+    minidom::Element,
     ping::Ping,
+    presence::{Presence, Type as PresenceType},
+    roster::Roster,
     stanza_error::{DefinedCondition, ErrorType, StanzaError},
 };
 
 use super::error::{Phase, XmppError, io_reason};
 use super::login::{Connection, Stream, login, send};
-use super::stanza::{incoming_message, incoming_presence, outgoing_message, own_presence};
-use super::{XmppEvent, XmppStatus};
+use super::stanza::{
+    created_room, incoming_message, incoming_presence, join_room, outgoing_message, own_presence,
+    roster_item,
+};
+use super::{SessionOptions, XmppEvent, XmppStatus};
 use crate::call::OutgoingMessage;
 use crate::config::Account;
 
@@ -26,6 +32,32 @@ use crate::config::Account;
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_millis(50);
 
 const PING_ID: &str = "popivr-ping";
+const ROSTER_ID: &str = "popivr-roster";
+const ROOM_CONFIG_ID: &str = "popivr-room-config";
+/// XEP-0045 §10.1.2: accept the default configuration ("instant room").
+const INSTANT_ROOM: &str = "<query xmlns='http://jabber.org/protocol/muc#owner'>\
+                            <x xmlns='jabber:x:data' type='submit'/></query>";
+
+/// What the relay knows besides the stream.
+struct Ctx<'a> {
+    me: &'a FullJid,
+    own: BareJid,
+    options: &'a SessionOptions,
+}
+
+impl Ctx<'_> {
+    fn is_contact(&self, jid: &str) -> bool {
+        self.options.contacts.iter().any(|c| c == jid)
+    }
+
+    fn room_nick(&self, room: &str) -> Option<&str> {
+        self.options
+            .rooms
+            .iter()
+            .find(|(r, _)| r == room)
+            .map(|(_, n)| n.as_str())
+    }
+}
 
 #[derive(Debug)]
 pub(crate) enum Cmd {
@@ -44,6 +76,7 @@ enum End {
 
 pub(crate) async fn run(
     account: Account,
+    options: SessionOptions,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     events: mpsc::Sender<XmppEvent>,
 ) {
@@ -81,19 +114,39 @@ pub(crate) async fn run(
         mut stream, jid, ..
     } = conn;
 
-    // Initial presence before "online": the server then routes messages for
-    // the bare JID to us and releases stored offline messages. It is
-    // pipelined ahead of whatever the shell sends next, so it costs no round
-    // trip.
-    let presence = own_presence(account.statusmessage.as_deref());
-    let mut end = send(
-        &mut stream,
-        &XmppStreamElement::Stanza(presence.into()),
-        Phase::Bind,
-    )
-    .await
-    .err()
-    .map(lost);
+    // The roster first, then the initial presence: the server answers
+    // the roster before it sends the contacts' presence, so the call knows
+    // whose presence to wait for. Initial presence also makes the server
+    // route messages for the bare JID to us and release stored offline
+    // messages. Room joins follow. All of it is pipelined ahead of whatever
+    // the shell sends next, so it costs no round trip.
+    let mut first: Vec<Stanza> = Vec::new();
+    if !options.contacts.is_empty() {
+        first.push(
+            Iq::from_get(
+                ROSTER_ID,
+                Roster {
+                    ver: None,
+                    items: vec![],
+                },
+            )
+            .into(),
+        );
+    }
+    first.push(own_presence(account.statusmessage.as_deref()).into());
+    for (room, nick) in &options.rooms {
+        match join_room(room, nick) {
+            Ok(p) => first.push(p.into()),
+            Err(e) => log::warn!("xmpp: cannot join: {e}"),
+        }
+    }
+    let mut end = None;
+    for stanza in first {
+        if let Err(e) = send(&mut stream, &XmppStreamElement::Stanza(stanza), Phase::Bind).await {
+            end = Some(lost(e));
+            break;
+        }
+    }
     if end.is_none()
         && events
             .send(XmppEvent::Status(XmppStatus::Online))
@@ -110,7 +163,14 @@ pub(crate) async fn run(
     }
     let end = match end {
         Some(end) => end,
-        None => relay(&mut stream, &mut cmds, &events, &jid).await,
+        None => {
+            let ctx = Ctx {
+                me: &jid,
+                own: jid.to_bare(),
+                options: &options,
+            };
+            relay(&mut stream, &mut cmds, &events, &ctx).await
+        }
     };
     match end {
         End::Close => close(stream).await,
@@ -127,9 +187,8 @@ async fn relay(
     stream: &mut Stream,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::Sender<XmppEvent>,
-    me: &FullJid,
+    ctx: &Ctx<'_>,
 ) -> End {
-    let own = me.to_bare();
     loop {
         tokio::select! {
             cmd = cmds.recv() => {
@@ -141,7 +200,7 @@ async fn relay(
             // Cancel-safe: a half-read element stays in the stream's state.
             item = stream.next() => {
                 let event = match item {
-                    Some(Ok(FallibleStreamElement::Ok(el))) => match on_element(stream, el, me, &own).await {
+                    Some(Ok(FallibleStreamElement::Ok(el))) => match on_element(stream, el, ctx).await {
                         Ok(event) => event,
                         Err(end) => return end,
                     },
@@ -182,21 +241,57 @@ async fn relay(
 async fn on_element(
     stream: &mut Stream,
     el: XmppStreamElement,
-    me: &FullJid,
-    own: &BareJid,
+    ctx: &Ctx<'_>,
 ) -> Result<Option<XmppEvent>, End> {
     match el {
         XmppStreamElement::Stanza(Stanza::Message(m)) => {
-            Ok(Some(XmppEvent::Message(incoming_message(&m, own))))
+            Ok(Some(XmppEvent::Message(incoming_message(&m, &ctx.own))))
         }
         // The server reflects our own presence back; that says nothing.
         XmppStreamElement::Stanza(Stanza::Presence(p))
-            if p.from.as_ref().and_then(|f| f.try_as_full().ok()) == Some(me) =>
+            if p.from.as_ref().and_then(|f| f.try_as_full().ok()) == Some(ctx.me) =>
         {
             Ok(None)
         }
-        XmppStreamElement::Stanza(Stanza::Presence(p)) => {
-            Ok(incoming_presence(&p, own).map(XmppEvent::Presence))
+        XmppStreamElement::Stanza(Stanza::Presence(p)) => on_presence(stream, p, ctx).await,
+        XmppStreamElement::Stanza(Stanza::Iq(Iq::Result {
+            id,
+            payload: Some(payload),
+            ..
+        })) if id == ROSTER_ID => {
+            let roster = Roster::try_from(payload)
+                .map_err(|e| End::Failed(XmppError::Protocol(format!("roster: {e}"))))?;
+            let items: Vec<_> = roster.items.iter().map(roster_item).collect();
+            // Ask the contacts we cannot see yet; the server remembers the
+            // request until they answer.
+            for contact in &ctx.options.contacts {
+                let known = items.iter().find(|i| &i.jid == contact);
+                if known.is_some_and(|i| i.subscribed || i.asked) {
+                    continue;
+                }
+                let Ok(to) = Jid::new(contact) else { continue };
+                let ask = Presence::subscribe().with_to(to);
+                send_stanza(stream, ask.into()).await?;
+            }
+            Ok(Some(XmppEvent::Roster(items)))
+        }
+        XmppStreamElement::Stanza(Stanza::Iq(Iq::Set {
+            from, id, payload, ..
+        })) if payload.is("query", xmpp_parsers::ns::ROSTER)
+            && from.as_ref().is_none_or(|f| f.to_bare() == ctx.own) =>
+        {
+            // A roster push (RFC 6121 §2.1.6): acknowledge it.
+            let ack = Iq::Result {
+                from: None,
+                to: None,
+                id,
+                payload: None,
+            };
+            send_stanza(stream, ack.into()).await?;
+            let item = Roster::try_from(payload)
+                .ok()
+                .and_then(|r| r.items.first().map(roster_item));
+            Ok(item.map(XmppEvent::RosterUpdate))
         }
         XmppStreamElement::Stanza(Stanza::Iq(iq)) => {
             answer_iq(stream, iq).await.map_err(lost)?;
@@ -208,6 +303,75 @@ async fn on_element(
             Ok(None)
         }
     }
+}
+
+async fn on_presence(
+    stream: &mut Stream,
+    p: Presence,
+    ctx: &Ctx<'_>,
+) -> Result<Option<XmppEvent>, End> {
+    let from_bare = p.from.as_ref().map(|f| f.to_bare().to_string());
+    let room = from_bare
+        .as_deref()
+        .filter(|b| ctx.room_nick(b).is_some())
+        .map(str::to_string);
+    match (&p.type_, room) {
+        (PresenceType::Subscribe, None) => {
+            // Agents of ours may see our presence; others are not answered.
+            let from = from_bare.unwrap_or_default();
+            if ctx.is_contact(&from) {
+                let to = p.from.clone().map(|f| Jid::from(f.to_bare()));
+                let mut ok = Presence::new(PresenceType::Subscribed);
+                ok.to = to;
+                send_stanza(stream, ok.into()).await?;
+            } else {
+                log::debug!("xmpp: subscription request from {from} left unanswered");
+            }
+            Ok(None)
+        }
+        (PresenceType::Error, Some(room)) => {
+            let cause = p
+                .payloads
+                .iter()
+                .find_map(|e| StanzaError::try_from(e.clone()).ok())
+                .map(|e| format!("{:?}", e.defined_condition))
+                .unwrap_or_else(|| "error".into());
+            Ok(Some(XmppEvent::RoomFailed(room, cause)))
+        }
+        (_, room) => {
+            let Some(presence) = incoming_presence(&p, &ctx.own) else {
+                return Ok(None);
+            };
+            if let (Some(room), Some(muc)) = (room, &presence.muc)
+                && muc.is_self
+                && presence.show != crate::call::Show::Unavailable
+            {
+                if created_room(&p) {
+                    // We made the room: accept the server's default
+                    // configuration so it opens for others.
+                    let Ok(to) = Jid::new(&room) else {
+                        return Ok(None);
+                    };
+                    let query: Element = INSTANT_ROOM.parse().expect("a constant, valid element");
+                    let iq = Iq::Set {
+                        from: None,
+                        to: Some(to),
+                        id: ROOM_CONFIG_ID.into(),
+                        payload: query,
+                    };
+                    send_stanza(stream, iq.into()).await?;
+                }
+                return Ok(Some(XmppEvent::Joined(room)));
+            }
+            Ok(Some(XmppEvent::Presence(presence)))
+        }
+    }
+}
+
+async fn send_stanza(stream: &mut Stream, stanza: Stanza) -> Result<(), End> {
+    send(stream, &XmppStreamElement::Stanza(stanza), Phase::Bind)
+        .await
+        .map_err(lost)
 }
 
 /// RFC 6120 §8.2.3: every get/set gets an answer. We serve only ping

@@ -8,37 +8,26 @@ use xmpp_parsers::{
     presence::{self, Presence},
 };
 
-use crate::call::{IncomingMessage, MsgKind, OutgoingMessage};
+use xmpp_parsers::{
+    muc::{
+        Muc,
+        muc::History,
+        user::{MucUser, Status as MucStatus},
+    },
+    oob::Oob,
+    roster::{Ask, Item as RosterEntry, Subscription},
+};
+
+use crate::call::{
+    IncomingMessage, IncomingPresence, MsgKind, MucPresence, OutKind, OutgoingMessage, RosterItem,
+    Show,
+};
 
 const NS_DELAY: &str = "urn:xmpp:delay";
 /// XEP-0091, obsolete but still sent by some servers for offline messages.
 const NS_LEGACY_DELAY: &str = "jabber:x:delay";
 const NS_CARBONS: &str = "urn:xmpp:carbons:2";
 const NS_FORWARD: &str = "urn:xmpp:forward:0";
-
-/// How available a contact says it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Show {
-    /// Available with no `<show/>`.
-    Online,
-    Chat,
-    Away,
-    Xa,
-    Dnd,
-    /// `type='unavailable'`.
-    Unavailable,
-}
-
-/// A presence as the call core (or the `serve` shell) sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IncomingPresence {
-    /// Sender's bare JID, normalised like [`IncomingMessage::from_bare`].
-    pub from_bare: String,
-    pub from_full: String,
-    pub show: Show,
-    /// `<status/>` text (default language, else the first).
-    pub status: Option<String>,
-}
 
 /// What a message from the server becomes. `own` is our own bare JID, the
 /// implied sender of a stanza without `from` (RFC 6120 §8.1.2.1).
@@ -77,12 +66,54 @@ pub(crate) fn incoming_presence(p: &Presence, own: &BareJid) -> Option<IncomingP
     };
     let (from_bare, from_full) = sender(p.from.as_ref(), own);
     let status = best_text(&p.statuses);
+    let muc = p
+        .payloads
+        .iter()
+        .find(|e| e.is("x", xmpp_parsers::ns::MUC_USER))
+        .and_then(|e| MucUser::try_from(e.clone()).ok())
+        .map(|user| MucPresence {
+            real_jid: user
+                .items
+                .iter()
+                .find_map(|i| i.jid.as_ref())
+                .map(|j| j.to_bare().to_string()),
+            is_self: user.status.contains(&MucStatus::SelfPresence),
+        });
     Some(IncomingPresence {
         from_bare,
         from_full,
         show,
         status,
+        muc,
     })
+}
+
+/// Status 201 on our own room presence: we created the room, which stays
+/// locked until it is configured.
+pub(crate) fn created_room(p: &Presence) -> bool {
+    p.payloads
+        .iter()
+        .filter(|e| e.is("x", xmpp_parsers::ns::MUC_USER))
+        .filter_map(|e| MucUser::try_from(e.clone()).ok())
+        .any(|u| u.status.contains(&MucStatus::RoomHasBeenCreated))
+}
+
+/// A roster entry as the call core sees it.
+pub(crate) fn roster_item(item: &RosterEntry) -> RosterItem {
+    RosterItem {
+        jid: item.jid.to_string(),
+        subscribed: matches!(item.subscription, Subscription::To | Subscription::Both),
+        asked: item.ask == Ask::Subscribe,
+    }
+}
+
+/// Enter `room` as `nick`, without its history: an old message in the
+/// room must never look like a reply.
+pub(crate) fn join_room(room: &str, nick: &str) -> Result<Presence, String> {
+    let to = Jid::new(&format!("{room}/{nick}")).map_err(|e| format!("room {room:?}: {e}"))?;
+    let mut p = Presence::available().with_to(to);
+    p.add_payload(Muc::new().with_history(History::new().with_maxstanzas(0)));
+    Ok(p)
 }
 
 fn best_text(texts: &std::collections::BTreeMap<Lang, String>) -> Option<String> {
@@ -113,11 +144,24 @@ fn is_forward(e: &Element) -> bool {
 /// JID is refused here rather than sent for the server to bounce.
 pub(crate) fn outgoing_message(m: &OutgoingMessage) -> Result<Message, String> {
     let to = Jid::new(&m.to).map_err(|e| format!("recipient {:?}: {e}", m.to))?;
-    let mut msg = Message::chat(Some(to)).with_body(Lang::new(), m.body.clone());
+    let msg = match m.kind {
+        OutKind::Chat => Message::chat(Some(to)),
+        OutKind::Groupchat => Message::groupchat(Some(to)),
+    };
+    let mut msg = msg.with_body(Lang::new(), m.body.clone());
     msg.thread = m.thread.as_ref().map(|id| Thread {
         parent: None,
         id: id.clone(),
     });
+    if let Some(url) = &m.url {
+        msg.payloads.push(
+            Oob {
+                url: url.clone(),
+                desc: None,
+            }
+            .into(),
+        );
+    }
     Ok(msg)
 }
 
@@ -234,11 +278,11 @@ mod tests {
 
     #[test]
     fn outgoing_is_chat_with_thread() {
-        let m = outgoing_message(&OutgoingMessage {
-            to: "alice@example.org".into(),
-            body: "Call from 2001".into(),
-            thread: Some("call-1".into()),
-        })
+        let m = outgoing_message(&OutgoingMessage::chat(
+            "alice@example.org",
+            "Call from 2001",
+            Some("call-1".into()),
+        ))
         .unwrap();
         let el = Element::from(m);
         assert_eq!(el.attr("type"), Some("chat"));
@@ -249,13 +293,53 @@ mod tests {
     }
 
     #[test]
-    fn outgoing_to_invalid_jid_is_refused() {
-        let err = outgoing_message(&OutgoingMessage {
-            to: "a@b@c".into(),
-            body: "x".into(),
-            thread: None,
+    fn outgoing_groupchat_with_a_link() {
+        let m = outgoing_message(&OutgoingMessage {
+            url: Some("https://crm.example.org/?n=1".into()),
+            ..OutgoingMessage::groupchat("sales@conference.example.org", "pop")
         })
-        .unwrap_err();
+        .unwrap();
+        let el = Element::from(m);
+        assert_eq!(el.attr("type"), Some("groupchat"));
+        let oob = el.get_child("x", "jabber:x:oob").expect("oob payload");
+        assert_eq!(
+            oob.get_child("url", "jabber:x:oob")
+                .map(|u| u.text())
+                .as_deref(),
+            Some("https://crm.example.org/?n=1")
+        );
+    }
+
+    #[test]
+    fn room_presence_carries_the_real_jid_and_self_status() {
+        let el: Element = "<presence xmlns='jabber:client' from='room@conf.example.org/al'>\
+             <x xmlns='http://jabber.org/protocol/muc#user'>\
+             <item affiliation='member' role='participant' jid='Alice@example.org/phone'/>\
+             <status code='110'/><status code='201'/></x></presence>"
+            .parse()
+            .unwrap();
+        let p = Presence::try_from(el).unwrap();
+        let got = incoming_presence(&p, &own()).unwrap();
+        let muc = got.muc.unwrap();
+        assert_eq!(muc.real_jid.as_deref(), Some("alice@example.org"));
+        assert!(muc.is_self);
+        assert!(created_room(&p));
+    }
+
+    #[test]
+    fn joining_asks_for_no_history() {
+        let el = Element::from(join_room("room@conf.example.org", "popivr").unwrap());
+        assert_eq!(el.attr("to"), Some("room@conf.example.org/popivr"));
+        let x = el.get_child("x", "http://jabber.org/protocol/muc").unwrap();
+        let h = x
+            .get_child("history", "http://jabber.org/protocol/muc")
+            .unwrap();
+        assert_eq!(h.attr("maxstanzas"), Some("0"));
+    }
+
+    #[test]
+    fn outgoing_to_invalid_jid_is_refused() {
+        let err = outgoing_message(&OutgoingMessage::chat("a@b@c", "x", None)).unwrap_err();
         assert!(err.starts_with("recipient \"a@b@c\""), "{err}");
     }
 

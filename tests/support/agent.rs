@@ -132,6 +132,40 @@ impl TestAgent {
         self.send_stanza(p.into()).await;
     }
 
+    /// Go offline without leaving: an unavailable presence, so the server
+    /// stores messages for us and tells our contacts we are gone.
+    pub async fn set_unavailable(&mut self) {
+        self.send_stanza(Presence::new(xmpp_parsers::presence::Type::Unavailable).into())
+            .await;
+    }
+
+    /// Wait for a subscription request from `from` (a bare JID) and
+    /// accept it. Messages that arrive meanwhile are kept. `false` if none
+    /// came within `timeout`.
+    pub async fn approve_subscription(&mut self, from: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let event = match tokio::time::timeout_at(deadline, self.client.next()).await {
+                Ok(Some(event)) => event,
+                _ => return false,
+            };
+            match event {
+                Event::Stanza(Stanza::Presence(p))
+                    if p.type_ == xmpp_parsers::presence::Type::Subscribe
+                        && p.from.as_ref().map(|f| f.to_bare().to_string()).as_deref()
+                            == Some(from) =>
+                {
+                    let mut ok = Presence::new(xmpp_parsers::presence::Type::Subscribed);
+                    ok.to = Some(Jid::new(from).expect("a bare JID"));
+                    self.send_stanza(ok.into()).await;
+                    return true;
+                }
+                Event::Stanza(Stanza::Message(m)) => self.backlog.push_back(m),
+                _ => {}
+            }
+        }
+    }
+
     /// The next message that `pred` accepts, waiting up to `timeout`;
     /// others are kept for later calls. `None` on timeout.
     pub async fn next_message_within(

@@ -53,6 +53,22 @@ const VERBS: &[&str] = &[
     "says-delayed",
     "says-as-type",
     "says-wrapped",
+    "presence",
+    "joins",
+    "says-in-room",
+];
+
+/// `presence NAME: SHOW` values (before the call, or `agent NAME presence:`
+/// during it). `unsubscribed` (before the call only) leaves the agent out
+/// of popivr's roster: popivr cannot see its presence.
+const SHOWS: &[&str] = &[
+    "online",
+    "chat",
+    "away",
+    "xa",
+    "dnd",
+    "offline",
+    "unsubscribed",
 ];
 
 /// Placeholders that hold a secret: filled in the config block only.
@@ -101,6 +117,8 @@ pub struct Plan {
     agents: BTreeMap<String, User>,
     /// `offline NAME says: TEXT`, in order.
     offline: Vec<(String, String)>,
+    /// `presence NAME: SHOW` before the call, in order.
+    presence: Vec<(String, String)>,
 }
 
 impl Plan {
@@ -114,6 +132,7 @@ impl Plan {
         })?;
         let mut names = BTreeSet::new();
         let mut offline = Vec::new();
+        let mut presence = Vec::new();
         let mut uses = false;
         let mut other_step_seen = false;
         for step in &script.steps {
@@ -147,6 +166,24 @@ impl Plan {
                     let text = unescape(&ext.arg).map_err(&err)?;
                     names.insert(agent.clone());
                     offline.push((agent.clone(), text));
+                }
+                "presence" => {
+                    if other_step_seen {
+                        return Err(err(
+                            "`presence` lines come before every other step (they are set before \
+                             the call; use `agent NAME presence:` during it)"
+                                .into(),
+                        ));
+                    }
+                    let [agent] = ext.words.as_slice() else {
+                        return Err(err("want `presence NAME: SHOW`".into()));
+                    };
+                    check_name(agent).map_err(&err)?;
+                    if !SHOWS.contains(&ext.arg.as_str()) {
+                        return Err(err(format!("SHOW is one of {}", SHOWS.join(", "))));
+                    }
+                    names.insert(agent.clone());
+                    presence.push((agent.clone(), ext.arg.clone()));
                 }
                 _ => {
                     other_step_seen = true;
@@ -195,6 +232,7 @@ impl Plan {
                 })
                 .collect(),
             offline,
+            presence,
         }))
     }
 
@@ -236,9 +274,14 @@ impl Plan {
             popivr_bare: world.server.jid(&self.popivr.local),
             users: self.agents.clone(),
             offline: self.offline.clone(),
+            presence: self.presence.clone(),
             online: BTreeMap::new(),
         };
-        vec![Box::new(agents), Box::new(OfflineSteps)]
+        vec![
+            Box::new(agents),
+            Box::new(BeforeCall("offline")),
+            Box::new(BeforeCall("presence")),
+        ]
     }
 
     /// popivr's account as this plan has it (for tests of the steps
@@ -294,6 +337,9 @@ fn check_arg(verb: &str, arg: &str) -> Result<(), String> {
             wrapper_kind(wrapper)?;
             unescape(text).map(drop)
         }
+        "presence" if SHOWS.contains(&arg) && arg != "unsubscribed" => Ok(()),
+        "presence" => Err(format!("SHOW is one of {}", SHOWS[..6].join(", "))),
+        "joins" | "says-in-room" => split_first(arg).map(drop),
         _ => unescape(arg).map(drop),
     }
 }
@@ -442,6 +488,7 @@ struct AgentSteps {
     popivr_bare: String,
     users: BTreeMap<String, User>,
     offline: Vec<(String, String)>,
+    presence: Vec<(String, String)>,
     online: BTreeMap<String, Live>,
 }
 
@@ -461,6 +508,12 @@ impl Live {
     /// ourselves, sent after it on the same stream, has come back.
     async fn send(&mut self, msg: TestMessage) -> Result<(), String> {
         self.agent.send(msg).await;
+        self.barrier().await
+    }
+
+    /// A message to ourselves and back: everything sent before it has
+    /// been handled by the server.
+    async fn barrier(&mut self) -> Result<(), String> {
         self.barriers += 1;
         let token = format!("{BARRIER}{}", self.barriers);
         let bare = self.bare.clone();
@@ -638,12 +691,113 @@ impl AgentSteps {
         .await
     }
 
+    /// Make popivr's account subscribed to every agent's presence, the way
+    /// `popivr check` does it: it asks, each agent accepts. Agents marked
+    /// `unsubscribed` are left out.
+    async fn subscribe_all(&mut self) -> Result<(), String> {
+        let skip: BTreeSet<&str> = self
+            .presence
+            .iter()
+            .filter(|(_, show)| show == "unsubscribed")
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let names: Vec<String> = self
+            .online
+            .keys()
+            .filter(|n| !skip.contains(n.as_str()))
+            .cloned()
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        let contacts: Vec<String> = names.iter().map(|n| self.online[n].bare.clone()).collect();
+        let account = self
+            .server
+            .account(&self.popivr.local, &self.popivr.password);
+        let survey = async move { popivr::xmpp::survey(&account, &contacts, WAIT).await };
+        let mut approvals = Vec::new();
+        for name in &names {
+            let live = self.online.remove(name).expect("logged in");
+            let popivr = self.popivr_bare.clone();
+            let thread = live.thread;
+            let what = format!("agent {name}: accept the subscription");
+            approvals.push(async move {
+                let work = async move {
+                    let mut live = live;
+                    let ok = live.agent.approve_subscription(&popivr, WAIT).await;
+                    (live, ok)
+                };
+                thread.run(&what, work).await
+            });
+        }
+        let (states, approved) = tokio::join!(survey, futures::future::join_all(approvals));
+        for (name, result) in names.iter().zip(approved) {
+            let (live, ok) = result?;
+            self.online.insert(name.clone(), live);
+            if !ok {
+                return Err(format!(
+                    "agent {name} got no subscription request from popivr"
+                ));
+            }
+        }
+        let states = states.map_err(|e| format!("popivr's account could not log in: {e}"))?;
+        if let Some(s) = states.iter().find(|s| !s.subscribed) {
+            return Err(format!(
+                "popivr is not subscribed to {} after the survey",
+                s.jid
+            ));
+        }
+        Ok(())
+    }
+
+    /// `presence NAME: SHOW` lines, before the call.
+    async fn set_presences(&mut self) -> Result<(), String> {
+        for (name, show) in self.presence.clone() {
+            if show != "unsubscribed" {
+                self.set_presence(&name, &show).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_presence(&mut self, name: &str, show: &str) -> Result<(), String> {
+        let show = show.to_string();
+        self.with_agent(name, move |mut live| async move {
+            use xmpp_parsers::presence::Show;
+            let show = match show.as_str() {
+                "chat" => Some(Some(Show::Chat)),
+                "away" => Some(Some(Show::Away)),
+                "xa" => Some(Some(Show::Xa)),
+                "dnd" => Some(Some(Show::Dnd)),
+                "offline" => None,
+                _ => Some(None),
+            };
+            match show {
+                Some(show) => live.agent.set_presence(show, None).await,
+                None => live.agent.set_unavailable().await,
+            }
+            // A round trip, so the server has handled it when we go on.
+            let r = live.barrier().await;
+            (live, r)
+        })
+        .await?
+    }
+
     async fn send_offline(&mut self) -> Result<(), String> {
-        for (name, text) in self.offline.clone() {
-            let msg = TestMessage::chat(&self.popivr_bare, &text);
-            self.send_as(&name, msg)
-                .await
-                .map_err(|e| format!("offline {name}: {e}"))?;
+        // The subscription survey's session may still be closing on the
+        // server: a message it takes is lost to the store, so send again
+        // until one is stored.
+        for _ in 0..20 {
+            for (name, text) in self.offline.clone() {
+                let msg = TestMessage::chat(&self.popivr_bare, &text);
+                self.send_as(&name, msg)
+                    .await
+                    .map_err(|e| format!("offline {name}: {e}"))?;
+            }
+            if self.offline.is_empty() || self.offline_store().is_file() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if !self.offline.is_empty() && !self.offline_store().is_file() {
             return Err(format!(
@@ -726,6 +880,29 @@ impl AgentSteps {
                 let (wrapper, text) = split_first(&ext.arg)?;
                 let msg =
                     TestMessage::chat(&popivr, &unescape(text)?).wrapped(wrapper_kind(wrapper)?);
+                self.send_as(name, msg).await
+            }
+            "presence" => self.set_presence(name, &ext.arg).await,
+            "joins" => {
+                // `agent NAME joins: ROOM NICK`
+                let (room, nick) = split_first(&ext.arg)?;
+                let xml = format!(
+                    "<presence xmlns='jabber:client' to='{room}/{nick}'>\
+                     <x xmlns='http://jabber.org/protocol/muc'>\
+                     <history maxstanzas='0'/></x></presence>"
+                );
+                self.with_agent(name, move |mut live| async move {
+                    live.agent.send_raw(&xml).await;
+                    let r = live.barrier().await;
+                    (live, r)
+                })
+                .await?
+            }
+            "says-in-room" => {
+                // `agent NAME says-in-room: ROOM TEXT`
+                let (room, text) = split_first(&ext.arg)?;
+                let msg = TestMessage::chat(room, &unescape(text)?)
+                    .kind(xmpp_parsers::message::MessageType::Groupchat);
                 self.send_as(name, msg).await
             }
             other => Err(format!("unknown agent step `{other}`")),
@@ -830,6 +1007,8 @@ impl Extension for AgentSteps {
                 .placeholders
                 .insert("POPIVR_SECRET".into(), self.popivr.password.clone());
             self.login_all().await?;
+            self.subscribe_all().await?;
+            self.set_presences().await?;
             self.send_offline().await
         })
     }
@@ -854,13 +1033,14 @@ impl Extension for AgentSteps {
     }
 }
 
-/// `offline NAME says: TEXT`: carried out before the child starts (by
-/// [`AgentSteps::prepare`]); at its place among the steps it only notes so.
-struct OfflineSteps;
+/// `offline NAME says: TEXT` and `presence NAME: SHOW`: carried out before
+/// the child starts (by [`AgentSteps::prepare`]); at their place among the
+/// steps they only note so.
+struct BeforeCall(&'static str);
 
-impl Extension for OfflineSteps {
+impl Extension for BeforeCall {
     fn keyword(&self) -> &str {
-        "offline"
+        self.0
     }
 
     fn run<'a>(
