@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use popivr::config::{self, ActionKind, Config, Profile};
+use popivr::config::{self, ActionKind, Config, PresencePolicy, Profile};
+use popivr::xmpp::{ContactState, Show};
 
 /// A caller on hold longer than this is probably a typo (minutes for
 /// seconds) or an abandoned caller.
@@ -27,6 +28,8 @@ pub struct Options {
     pub offline: bool,
     /// Risky settings fail the check too.
     pub strict: bool,
+    /// How long to listen for the targets' presence after login.
+    pub presence_wait: Duration,
 }
 
 pub fn check(path: &Path, options: Options) -> Result<ExitCode> {
@@ -59,9 +62,15 @@ pub fn check(path: &Path, options: Options) -> Result<ExitCode> {
         );
     }
     if !options.offline {
-        let failed = logins(&config)?;
+        let (failed, unseen) = logins(&config, options.presence_wait)?;
         if failed > 0 {
             failures.push(format!("{failed} account(s) could not log in"));
+        }
+        if unseen > 0 {
+            failures.push(format!(
+                "{unseen} target(s) have not accepted popivr's presence subscription \
+                 and get no pops"
+            ));
         }
     }
     if failures.is_empty() {
@@ -73,24 +82,27 @@ pub fn check(path: &Path, options: Options) -> Result<ExitCode> {
     }
 }
 
-/// Log in with each account a profile with targets uses; the number that
-/// failed.
-fn logins(config: &Config) -> Result<usize> {
+/// Log in with each account a profile with targets uses, then show how
+/// each target stands with it. Returns the number of accounts that could
+/// not log in, and of targets that get no pops because popivr cannot see
+/// their presence.
+fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize)> {
     let used: BTreeSet<&str> = config
         .profiles
         .values()
-        .filter(|p| !p.targets.is_empty())
+        .filter(|p| needs_xmpp(p))
         .map(|p| p.account.as_str())
         .collect();
     if used.is_empty() {
         println!("no profile has targets: no XMPP login needed");
-        return Ok(0);
+        return Ok((0, 0));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
     let mut failed = 0;
+    let mut unseen = 0;
     for name in used {
         let Some(account) = config.accounts.get(name) else {
             continue;
@@ -111,10 +123,98 @@ fn logins(config: &Config) -> Result<usize> {
                     "account [{name}]: login FAILED via {server}:{}: {e}",
                     account.port
                 );
+                continue;
+            }
+        }
+        let targets = targets_of(config, name);
+        if targets.is_empty() {
+            continue;
+        }
+        match rt.block_on(popivr::xmpp::survey(account, &targets, presence_wait)) {
+            Ok(states) => {
+                for state in &states {
+                    let needed = needs_presence(config, name, &state.jid);
+                    if needed && !state.subscribed {
+                        unseen += 1;
+                    }
+                    println!("  {}", describe(state, needed));
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                println!("account [{name}]: roster and presence FAILED: {e}");
             }
         }
     }
-    Ok(failed)
+    Ok((failed, unseen))
+}
+
+/// A profile that logs in: it pops targets or a room.
+fn needs_xmpp(p: &Profile) -> bool {
+    !p.targets.is_empty() || p.room.is_some()
+}
+
+/// Every target of the profiles that use `account`, once, in order.
+fn targets_of(config: &Config, account: &str) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    config
+        .profiles
+        .values()
+        .filter(|p| p.account == account)
+        .flat_map(|p| p.targets.iter())
+        .filter(|t| seen.insert(t.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// Whether some profile of `account` pops `target` only when it sees the
+/// target available (so a missing subscription means no pops).
+fn needs_presence(config: &Config, account: &str, target: &str) -> bool {
+    config.profiles.values().any(|p| {
+        p.account == account
+            && p.presence != PresencePolicy::Any
+            && p.targets.iter().any(|t| t == target)
+    })
+}
+
+/// One line on a target: subscription, then presence per resource.
+fn describe(state: &ContactState, needed: bool) -> String {
+    let jid = &state.jid;
+    if !state.subscribed {
+        let then = match needed {
+            true => "gets no pops until they accept",
+            false => "their profiles ignore presence (presence = any)",
+        };
+        let asked = match state.asked {
+            true => "popivr's request waits for them to accept in their client",
+            false => "no request pending",
+        };
+        return format!("{jid}: NOT subscribed: {asked}; {then}");
+    }
+    let online: Vec<String> = state
+        .resources
+        .iter()
+        .filter(|(_, show)| *show != Show::Unavailable)
+        .map(|(full, show)| {
+            let resource = full.split_once('/').map_or(full.as_str(), |(_, r)| r);
+            format!("{resource}: {}", show_name(*show))
+        })
+        .collect();
+    match online.is_empty() {
+        true => format!("{jid}: subscribed, offline"),
+        false => format!("{jid}: subscribed, online ({})", online.join("; ")),
+    }
+}
+
+fn show_name(show: Show) -> &'static str {
+    match show {
+        Show::Online => "available",
+        Show::Chat => "free for chat",
+        Show::Away => "away",
+        Show::Xa => "extended away",
+        Show::Dnd => "do not disturb",
+        Show::Unavailable => "offline",
+    }
 }
 
 /// Settings that work but are risky, one sentence each.
@@ -220,7 +320,7 @@ fn used_by_a_profile(config: &Config, account: &str) -> bool {
     config
         .profiles
         .values()
-        .any(|p| !p.targets.is_empty() && p.account == account)
+        .any(|p| needs_xmpp(p) && p.account == account)
 }
 
 fn secs(d: Duration) -> String {

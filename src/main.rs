@@ -112,8 +112,11 @@ enum Cmd {
     /// Validates the file (every problem with file:line), points out risky
     /// settings (plaintext XMPP, open forward patterns, odd timeouts …),
     /// logs in with each account a profile uses and reports TLS and
-    /// authentication results. Secrets are never printed. Exit status 0
-    /// when all is well, 1 otherwise.
+    /// authentication results, then each target's presence subscription
+    /// and presence (asking targets for a subscription where it is
+    /// missing). Secrets are never printed. Exit status 0 when all is well,
+    /// 1 otherwise (also when a target has not accepted the subscription
+    /// and so gets no pops).
     Check {
         /// Only validate the file; don't log in.
         #[arg(long)]
@@ -121,6 +124,9 @@ enum Cmd {
         /// Fail on warnings and risky settings too.
         #[arg(long)]
         strict: bool,
+        /// Seconds to wait for the targets' presence after login.
+        #[arg(long, default_value = "3", value_name = "SECONDS")]
+        presence_wait: f64,
     },
     /// Run one call end to end on this machine and show both sides.
     ///
@@ -144,9 +150,13 @@ enum Cmd {
         #[arg(long)]
         show_config: bool,
     },
-    /// Print the man page (roff) on stdout.
+    /// Print the man page (roff) on stdout, or write the pages of popivr
+    /// and each subcommand (popivr.1, popivr-run.1, ...) into DIR.
     #[command(hide = true)]
-    Man,
+    Man {
+        /// Where to write the pages.
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -154,15 +164,26 @@ fn main() -> ExitCode {
     let log = Logger::new("popivr", level(&cli));
     let result = match cli.command {
         Cmd::Run { profile, args } => run(&cli.config, &profile, &args, log.clone()),
-        Cmd::Check { offline, strict } => {
-            check::check(&cli.config, check::Options { offline, strict })
-        }
+        Cmd::Check {
+            offline,
+            strict,
+            presence_wait,
+        } => seconds(presence_wait, "--presence-wait").and_then(|presence_wait| {
+            check::check(
+                &cli.config,
+                check::Options {
+                    offline,
+                    strict,
+                    presence_wait,
+                },
+            )
+        }),
         Cmd::Demo {
             reply,
             think,
             show_config,
         } => demo(reply, think, show_config),
-        Cmd::Man => man(),
+        Cmd::Man { dir } => man(dir),
     };
     match result {
         Ok(code) => code,
@@ -232,18 +253,28 @@ fn run(path: &std::path::Path, profile: &str, args: &[String], log: Logger) -> R
     std::process::exit(0)
 }
 
-fn demo(reply: String, think: f64, show_config: bool) -> Result<ExitCode> {
-    let think = Duration::try_from_secs_f64(think)
+/// A command-line duration: 0 to 60 seconds.
+fn seconds(value: f64, option: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(value)
         .ok()
         .filter(|d| *d <= Duration::from_secs(60))
-        .context("--think takes seconds from 0 to 60")?;
+        .with_context(|| format!("{option} takes seconds from 0 to 60"))
+}
+
+fn demo(reply: String, think: f64, show_config: bool) -> Result<ExitCode> {
+    let think = seconds(think, "--think")?;
     demo::main(demo::Options {
         script: demo::Script { reply, think },
         show_config,
     })
 }
 
-fn man() -> Result<ExitCode> {
+fn man(dir: Option<PathBuf>) -> Result<ExitCode> {
+    if let Some(dir) = dir {
+        clap_mangen::generate_to(Cli::command(), &dir)
+            .with_context(|| format!("cannot write man pages into {}", dir.display()))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut out = Vec::new();
     clap_mangen::Man::new(Cli::command())
         .render(&mut out)

@@ -6,19 +6,41 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use popivr::testbed::{self, Prosody};
+use popivr::xmpp::{self, Session, SessionOptions, XmppEvent, XmppStatus};
 
 const PBX_PW: &str = "check-Secret-a81f";
 const WRONG_PW: &str = "wrong-Secret-5c0d";
+const ALICE_PW: &str = "alice-Secret-77b2";
 
 fn server() -> Prosody {
     Prosody::builder()
         .user("pbx", PBX_PW)
-        .user("alice", "alice-Secret-77b2")
+        .user("alice", ALICE_PW)
+        .user("bob", "bob-Secret-0e4a")
         .start()
 }
 
-/// A config for `server` with `account` lines added to the account.
+/// Alice at her desk: online, and her client accepts popivr's request to
+/// see her presence.
+async fn alice_online(server: &Prosody) -> Session {
+    let options = SessionOptions {
+        contacts: vec![server.jid("pbx")],
+        rooms: Vec::new(),
+    };
+    let mut session = xmpp::spawn(server.account("alice", ALICE_PW), options);
+    match session.recv().await {
+        Some(XmppEvent::Status(XmppStatus::Online)) => session,
+        other => panic!("alice is not online: {other:?}\n{}", server.log()),
+    }
+}
+
+/// A config for `server` with `account` lines added to the account and
+/// `profile` lines to the profile, which pops alice.
 fn write_config(server: &Prosody, secret: &str, account: &str) -> PathBuf {
+    write_config_with(server, secret, account, "")
+}
+
+fn write_config_with(server: &Prosody, secret: &str, account: &str, profile: &str) -> PathBuf {
     let path = server.scratch_dir().join("popivr.conf");
     let text = format!(
         "[pbx]\n\
@@ -33,7 +55,8 @@ fn write_config(server: &Prosody, secret: &str, account: &str) -> PathBuf {
          type = profile\n\
          account = pbx\n\
          targets = {alice}\n\
-         reply = 1 -> continue desk\n",
+         reply = 1 -> continue desk\n\
+         {profile}\n",
         pbx = server.jid("pbx"),
         alice = server.jid("alice"),
         port = server.port(),
@@ -62,9 +85,10 @@ fn check(config: &Path, extra: &[&str]) -> (Output, String) {
     (out, text)
 }
 
-#[test]
-fn a_good_account_passes() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_good_account_passes_and_sees_its_target() {
     let server = server();
+    let alice = alice_online(&server).await;
     let ca = format!("ca_file = {}", server.ca_pem().display());
     let config = write_config(&server, PBX_PW, &ca);
     let (out, text) = check(&config, &[]);
@@ -74,8 +98,41 @@ fn a_good_account_passes() {
         "{text}"
     );
     assert!(text.contains("STARTTLS, certificate verified"), "{text}");
+    assert!(
+        text.contains("alice@popivr.test: subscribed, online (") && text.contains(": available)"),
+        "{text}"
+    );
     assert!(text.contains("check passed"), "{text}");
     assert!(!text.contains("risk:"), "{text}");
+
+    // Once accepted, the subscription stays: offline now, still a pass.
+    alice.close().await;
+    let (out, text) = check(&config, &["--presence-wait", "1"]);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("alice@popivr.test: subscribed, offline"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_target_who_never_accepted_fails() {
+    let server = server();
+    let ca = format!("ca_file = {}", server.ca_pem().display());
+    let config = write_config(&server, PBX_PW, &ca);
+    let (out, text) = check(&config, &["--presence-wait", "0.5"]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("alice@popivr.test: NOT subscribed") && text.contains("no pops"),
+        "{text}"
+    );
+    assert!(text.contains("check FAILED"), "{text}");
+
+    // A profile that ignores presence pops her anyway: no failure.
+    let config = write_config_with(&server, PBX_PW, &ca, "presence = any");
+    let (out, text) = check(&config, &["--presence-wait", "0.5"]);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("presence = any"), "{text}");
 }
 
 #[test]
@@ -106,7 +163,12 @@ fn plaintext_works_but_is_named_a_risk() {
         .plaintext_allowed()
         .user("pbx", PBX_PW)
         .start();
-    let config = write_config(&server, PBX_PW, "usetls = no\nallow_plaintext = yes");
+    let config = write_config_with(
+        &server,
+        PBX_PW,
+        "usetls = no\nallow_plaintext = yes",
+        "presence = any",
+    );
     let (out, text) = check(&config, &[]);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("(PLAINTEXT, "), "{text}");

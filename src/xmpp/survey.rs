@@ -64,6 +64,13 @@ pub async fn survey(
                 roster = Some(items.into_iter().map(|i| (i.jid.clone(), i)).collect());
             }
             Some(XmppEvent::RosterUpdate(item)) => {
+                // Presence heard before the contact accepted is the
+                // server's answer to our probe ("unavailable" for the bare
+                // JID), not theirs: their real presence follows the accept.
+                let was = roster.as_ref().and_then(|r| r.get(&item.jid));
+                if item.subscribed && !was.is_some_and(|i| i.subscribed) {
+                    seen.remove(&item.jid);
+                }
                 roster
                     .get_or_insert_with(BTreeMap::new)
                     .insert(item.jid.clone(), item);
