@@ -391,6 +391,10 @@ ssl = {{ certificate = "{d}/server.pem"; key = "{d}/server.key"; }}
 VirtualHost "{domain}"
 {extra_hosts}Component "conference.{domain}" "muc"
     restrict_room_creation = false
+    -- New rooms open at once and show occupants' real JIDs, so a test
+    -- does not depend on who happened to create the room.
+    muc_room_locking = false
+    muc_room_default_public_jids = true
 "#,
             port = self.port,
             domain = self.domain,

@@ -50,12 +50,15 @@ const VERBS: &[&str] = &[
     "receives",
     "receives-nothing",
     "says",
+    "says-now",
     "says-delayed",
     "says-as-type",
     "says-wrapped",
     "presence",
     "joins",
     "says-in-room",
+    "receives-in-room",
+    "receives-maybe",
 ];
 
 /// `presence NAME: SHOW` values (before the call, or `agent NAME presence:`
@@ -340,6 +343,7 @@ fn check_arg(verb: &str, arg: &str) -> Result<(), String> {
         "presence" if SHOWS.contains(&arg) && arg != "unsubscribed" => Ok(()),
         "presence" => Err(format!("SHOW is one of {}", SHOWS[..6].join(", "))),
         "joins" | "says-in-room" => split_first(arg).map(drop),
+        "receives-in-room" | "receives-maybe" => Glob::new(arg).map(drop),
         _ => unescape(arg).map(drop),
     }
 }
@@ -501,6 +505,9 @@ struct Live {
     barriers: u64,
     /// popivr's full JID, from the last IM the agent got from it.
     popivr_full: Option<String>,
+    /// Rooms joined, as `room/nick`: the room's echo of our own messages
+    /// is not an IM to us.
+    in_rooms: Vec<String>,
 }
 
 impl Live {
@@ -517,7 +524,9 @@ impl Live {
         self.barriers += 1;
         let token = format!("{BARRIER}{}", self.barriers);
         let bare = self.bare.clone();
-        self.agent.send_chat(&bare, &token).await;
+        // To our full JID: it reaches us even while we show as offline.
+        let full = self.agent.jid().to_string();
+        self.agent.send_chat(&full, &token).await;
         let back = self
             .agent
             .next_message_within(WAIT, |m| {
@@ -532,11 +541,14 @@ impl Live {
     /// aside).
     async fn next_im(&mut self, within: Duration) -> Option<Message> {
         let own = self.bare.clone();
+        let echoes = self.in_rooms.clone();
         self.agent
             .next_message_within(within, |m| {
                 let barrier = sender(m).as_deref() == Some(own.as_str())
                     && body(m).is_some_and(|b| b.starts_with(BARRIER));
-                body(m).is_some() && !barrier
+                let from = m.from.as_ref().map(|f| f.to_string()).unwrap_or_default();
+                let echo = echoes.iter().any(|e| e.eq_ignore_ascii_case(&from));
+                body(m).is_some() && !barrier && !echo
             })
             .await
     }
@@ -634,6 +646,7 @@ impl AgentSteps {
                     thread,
                     barriers: 0,
                     popivr_full: None,
+                    in_rooms: Vec::new(),
                 },
             );
         }
@@ -843,6 +856,51 @@ impl AgentSteps {
                 }
                 Ok(())
             }
+            "receives-maybe" => {
+                // For races: at most one IM, which must match if it comes.
+                let glob = Glob::new(&ext.arg)?;
+                let wait = within.min(Duration::from_secs(1));
+                let Some(m) = self.next_im_of(name, wait).await? else {
+                    sim.note(format!("agent {name} got nothing (allowed)"));
+                    return Ok(());
+                };
+                let text = body(&m).unwrap_or_default();
+                sim.note(format!("agent {name} got: {}", escape(text)));
+                if !glob.matches(text) {
+                    return Err(format!(
+                        "agent {name}: expected nothing or an IM matching `{glob}`, got `{}`",
+                        escape(text)
+                    ));
+                }
+                Ok(())
+            }
+            "receives-in-room" => {
+                let glob = Glob::new(&ext.arg)?;
+                let Some(m) = self.next_im_of(name, within).await? else {
+                    return Err(format!(
+                        "agent {name} got no IM within {within:?} (wanted a room message matching `{glob}`)"
+                    ));
+                };
+                let text = body(&m).unwrap_or_default();
+                let from = m.from.as_ref().map(|f| f.to_string()).unwrap_or_default();
+                sim.note(format!(
+                    "agent {name} got in a room from {from}: {}",
+                    escape(text)
+                ));
+                if m.type_ != MessageType::Groupchat {
+                    return Err(format!(
+                        "agent {name}: `{}` is not a room message",
+                        escape(text)
+                    ));
+                }
+                if !glob.matches(text) {
+                    return Err(format!(
+                        "agent {name}: expected a room message matching `{glob}`, got `{}`",
+                        escape(text)
+                    ));
+                }
+                Ok(())
+            }
             "receives-nothing" => {
                 let span = parse_duration(&ext.arg)?;
                 match self.next_im_of(name, span).await? {
@@ -862,6 +920,15 @@ impl AgentSteps {
             "says-delayed" => {
                 let msg = TestMessage::chat(&popivr, &unescape(&ext.arg)?).delayed();
                 self.send_as(name, msg).await
+            }
+            "says-now" => {
+                // No round trip: the next step's message races this one.
+                let msg = TestMessage::chat(&popivr, &unescape(&ext.arg)?);
+                self.with_agent(name, |mut live| async move {
+                    live.agent.send(msg).await;
+                    (live, ())
+                })
+                .await
             }
             "says-as-type" => {
                 // To the full JID: the server itself drops or bounces error
@@ -886,13 +953,16 @@ impl AgentSteps {
             "joins" => {
                 // `agent NAME joins: ROOM NICK`
                 let (room, nick) = split_first(&ext.arg)?;
+                // With the room's history: a pop posted before we came in
+                // still reaches us.
                 let xml = format!(
                     "<presence xmlns='jabber:client' to='{room}/{nick}'>\
-                     <x xmlns='http://jabber.org/protocol/muc'>\
-                     <history maxstanzas='0'/></x></presence>"
+                     <x xmlns='http://jabber.org/protocol/muc'/></presence>"
                 );
+                let joined = format!("{room}/{nick}");
                 self.with_agent(name, move |mut live| async move {
                     live.agent.send_raw(&xml).await;
+                    live.in_rooms.push(joined);
                     let r = live.barrier().await;
                     (live, r)
                 })
