@@ -6,6 +6,7 @@ pub mod eivr;
 pub mod forward;
 pub mod logging;
 pub mod run;
+pub mod serve;
 pub mod sim;
 pub mod template;
 pub mod testbed;

@@ -128,6 +128,32 @@ enum Cmd {
         #[arg(long, default_value = "3", value_name = "SECONDS")]
         presence_wait: f64,
     },
+    /// Serve many calls as a daemon over ivr:// (one XMPP session per account).
+    ///
+    /// Asterisk connects with
+    /// ExternalIVR(ivr://HOST:2949(PROFILE[,key=value...]),OPTIONS);
+    /// each connection is one call. Logs go to stderr with the call's id
+    /// (`popivr[17]`). SIGTERM drains (no new calls; running ones end or
+    /// take their default action after --drain-timeout), SIGHUP reloads
+    /// the configuration for new calls (a broken file is reported and the
+    /// running one kept). See docs/serve.md.
+    Serve {
+        /// Address to listen on (repeatable). Default [::]:2949, which
+        /// takes IPv4 too (0.0.0.0:2949 where IPv6 is off).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Vec<String>,
+        /// Calls at once; one more is sent on with the dialplan (E).
+        #[arg(long, value_name = "N", default_value_t = 1000)]
+        max_calls: usize,
+        /// On SIGTERM, calls still running after this many seconds take
+        /// their default action.
+        #[arg(long, value_name = "SECONDS", default_value_t = 20)]
+        drain_timeout: u64,
+        /// Call ids and tags (#a17) start with these letters: give each
+        /// daemon that shares an XMPP account its own.
+        #[arg(long, value_name = "LETTERS", default_value = "")]
+        id_prefix: String,
+    },
     /// Run one call end to end on this machine and show both sides.
     ///
     /// Starts a throw-away prosody on 127.0.0.1 (installing the Debian
@@ -178,6 +204,21 @@ fn main() -> ExitCode {
                 },
             )
         }),
+        Cmd::Serve {
+            listen,
+            max_calls,
+            drain_timeout,
+            id_prefix,
+        } => serve(
+            popivr::serve::Options {
+                config: cli.config.clone(),
+                listen,
+                max_calls,
+                drain_timeout: Duration::from_secs(drain_timeout),
+                id_prefix,
+            },
+            log.clone(),
+        ),
         Cmd::Demo {
             reply,
             think,
@@ -250,6 +291,16 @@ fn run(path: &std::path::Path, profile: &str, args: &[String], log: Logger) -> R
         .context("cannot start the runtime")?;
     rt.block_on(popivr::run::run_call(setup, log))?;
     // The stdin reader may still sit in a blocking read; the call is over.
+    std::process::exit(0)
+}
+
+fn serve(opts: popivr::serve::Options, log: Logger) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(popivr::serve::serve(opts, log))?;
+    // Blocking reads may linger in the runtime's pool; the daemon is done.
     std::process::exit(0)
 }
 

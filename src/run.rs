@@ -323,7 +323,7 @@ async fn read_events<R: AsyncBufRead + Unpin>(
     tx: mpsc::Sender<Input>,
     log: Logger,
 ) {
-    let mut malformed = 0usize;
+    let mut malformed = Malformed::default();
     loop {
         match reader.next_event().await {
             Ok(Some(Ok(event))) => {
@@ -332,19 +332,28 @@ async fn read_events<R: AsyncBufRead + Unpin>(
                     return;
                 }
             }
-            Ok(Some(Err(e))) => {
-                malformed += 1;
-                if malformed <= MALFORMED_LOGGED {
-                    log.warn(&format!("event line skipped: {e}"));
-                }
-                if malformed == MALFORMED_LOGGED {
-                    log.warn("further malformed event lines are skipped silently");
-                }
-            }
+            Ok(Some(Err(e))) => malformed.skipped(&e, &log),
             Ok(None) | Err(_) => {
                 let _ = tx.send(Input::Closed).await;
                 return;
             }
+        }
+    }
+}
+
+/// Counts the malformed event lines of one call and logs the first few:
+/// a peer sending garbage must not flood the log.
+#[derive(Debug, Default)]
+pub(crate) struct Malformed(usize);
+
+impl Malformed {
+    pub(crate) fn skipped(&mut self, e: &eivr::ParseError, log: &Logger) {
+        self.0 += 1;
+        if self.0 <= MALFORMED_LOGGED {
+            log.warn(&format!("event line skipped: {e}"));
+        }
+        if self.0 == MALFORMED_LOGGED {
+            log.warn("further malformed event lines are skipped silently");
         }
     }
 }

@@ -469,3 +469,67 @@ fn a_missing_program_fails_to_start() {
         assert!(Sim::start(SimConfig::new("/bin/true(x")).is_err());
     });
 }
+
+/// `ivr://`: the simulator connects, and the same conversation runs on the
+/// socket; the `P` answer starts with the URL's host and port, there is no
+/// stderr, and the socket is closed after `E`.
+#[tokio::test]
+async fn ivr_mode_talks_over_one_socket() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (rd, mut wr) = stream.into_split();
+        let mut lines = BufReader::new(rd).lines();
+        wr.write_all(b"P,x\n").await.unwrap();
+        let params = lines.next_line().await.unwrap().unwrap();
+        wr.write_all(b"L,hello\nE,bye\n").await.unwrap();
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            rest.push(line);
+        }
+        (params, rest)
+    });
+    let data = format!("ivr://127.0.0.1:{port}(sales,x=1),n");
+    let mut sim = Sim::start(SimConfig::new(data)).unwrap();
+    assert!(sim.is_socket());
+    assert_eq!(next(&mut sim).await, "P,x");
+    assert_eq!(next(&mut sim).await, "L,hello");
+    assert_eq!(next(&mut sim).await, "E,bye");
+    assert_eq!(sim.wait_end(WAIT).await.unwrap().reason, EndReason::Exit);
+    let (params, rest) = server.await.unwrap();
+    let (tag, data) = params.split_once(',').unwrap();
+    assert_eq!(tag, "P");
+    assert_eq!(
+        data.split_once(',').unwrap().1,
+        format!("ivr://127.0.0.1:{port},sales,x=1")
+    );
+    // The answer to E, then end of file: Asterisk closed the socket.
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert!(rest[0].starts_with("E,"), "{rest:?}");
+    assert!(sim.stderr().is_empty());
+    assert!(matches!(
+        sim.wait_exit(WAIT).await,
+        Err(ExitError::NoProcess)
+    ));
+}
+
+#[tokio::test]
+async fn ivr_mode_with_nobody_listening_fails_before_any_event() {
+    // A port that was free a moment ago: nothing accepts there.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut sim = Sim::start(SimConfig::new(format!("ivr://127.0.0.1:{port}(sales)"))).unwrap();
+    let end = sim.wait_end(WAIT).await.unwrap();
+    assert_eq!(end.reason, EndReason::ConnectFailed);
+    assert_eq!(sim.next_command(WAIT).await, Next::Ended);
+    let t = sim.transcript();
+    assert!(
+        t.lines(Dir::Note)
+            .any(|n| n.contains("Could not connect to any host")),
+        "{t}"
+    );
+}

@@ -102,6 +102,9 @@ pub enum EndReason {
     ChildWentAway,
     /// The test closed the session without any event.
     Closed,
+    /// `ivr://`: no address of the host accepted the connection, so
+    /// ExternalIVR failed before any event.
+    ConnectFailed,
 }
 
 /// What one input made Asterisk do.
@@ -187,6 +190,20 @@ impl Generator {
     }
 }
 
+/// Asterisk builds the `P` answer in `ast_str_alloca(100)`: a buffer on
+/// the stack cannot grow, so the comma-joined argv is cut to 99 bytes.
+pub const PARAMS_MAX: usize = 99;
+
+fn params_answer(invocation: &Invocation) -> String {
+    let mut params = invocation.params();
+    let mut end = params.len().min(PARAMS_MAX);
+    while !params.is_char_boundary(end) {
+        end -= 1;
+    }
+    params.truncate(end);
+    params
+}
+
 /// The channel as ExternalIVR sees it.
 #[derive(Debug)]
 pub struct Channel {
@@ -220,7 +237,7 @@ impl Channel {
         let options = invocation.options;
         Channel {
             options,
-            params: invocation.params(),
+            params: params_answer(invocation),
             up: !options.no_answer,
             hung_up: options.dead,
             hangup_info_sent: false,
@@ -500,6 +517,12 @@ mod tests {
             ["G,1700000000,CALLERID(name)=Doe, John,NOPE="]
         );
         assert_eq!(events(&c.command("G,a,")), ["G,1700000000,a=,="]);
+        // The answer is cut to Asterisk's 99-byte buffer.
+        let long = format!("/bin/popivr(sales,x={})", "é".repeat(60));
+        let p = events(&chan(&long).command("P,x")).remove(0);
+        let data = p.strip_prefix("P,1700000000,").unwrap();
+        assert_eq!(data.len(), PARAMS_MAX - 1, "{data}");
+        assert!(data.starts_with("/bin/popivr,sales,x=é"));
         c.command("V,a=1,FILE(/tmp/x)=y,b,c=d=e");
         assert_eq!(c.var("a"), Some("1"));
         assert_eq!(c.var("b"), Some(""));

@@ -43,8 +43,6 @@ pub enum InvocationError {
     Empty,
     /// `prog(args` with no `)`.
     MissingParen,
-    /// `ivr://` runs the protocol over TCP; this simulator runs processes.
-    SocketMode,
 }
 
 impl fmt::Display for InvocationError {
@@ -52,7 +50,6 @@ impl fmt::Display for InvocationError {
         f.write_str(match self {
             InvocationError::Empty => "ExternalIVR requires a command to execute",
             InvocationError::MissingParen => "parse error, missing closing parenthesis",
-            InvocationError::SocketMode => "ivr:// (socket mode) is not simulated",
         })
     }
 }
@@ -81,9 +78,6 @@ impl Invocation {
             None => application.clone(),
         };
         let argv = separate_args(&application, MAX_ARGS);
-        if argv.first().is_some_and(|p| p.starts_with("ivr://")) {
-            return Err(InvocationError::SocketMode);
-        }
         Ok(Invocation {
             argv,
             options: Options::parse(options.unwrap_or_default()),
@@ -94,6 +88,11 @@ impl Invocation {
         &self.argv[0]
     }
 
+    /// `ivr://HOST[:PORT]` (socket mode): the `HOST[:PORT]` part.
+    pub fn socket(&self) -> Option<&str> {
+        self.argv[0].strip_prefix("ivr://")
+    }
+
     pub fn args(&self) -> &[String] {
         &self.argv[1..]
     }
@@ -101,6 +100,27 @@ impl Invocation {
     /// The data of the `P` event: argv, program included, comma-joined.
     pub fn params(&self) -> String {
         self.argv.join(",")
+    }
+}
+
+/// `HOST[:PORT]` taken apart like `ast_sockaddr_split_hostport(.., 0)`:
+/// `[v6]:port`, `[v6]`, `host:port`, or a host with no port; a host with
+/// two or more colons and no brackets is an IPv6 address without port.
+/// `None` for what Asterisk would not parse either.
+pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return match after {
+            "" => Some((host, None)),
+            _ => Some((host, Some(after.strip_prefix(':')?.parse().ok()?))),
+        };
+    }
+    match s.matches(':').count() {
+        1 => {
+            let (host, port) = s.split_once(':')?;
+            Some((host, Some(port.parse().ok()?)))
+        }
+        _ => Some((s, None)),
     }
 }
 
@@ -222,10 +242,33 @@ mod tests {
             Invocation::parse("/p(a"),
             Err(InvocationError::MissingParen)
         );
-        assert_eq!(
-            Invocation::parse("ivr://h(a)"),
-            Err(InvocationError::SocketMode)
-        );
+    }
+
+    #[test]
+    fn socket_mode_keeps_the_url_as_the_first_argument() {
+        let i = inv("ivr://pbx.example.org:2950(sales,q=1),n");
+        assert_eq!(i.socket(), Some("pbx.example.org:2950"));
+        assert_eq!(i.params(), "ivr://pbx.example.org:2950,sales,q=1");
+        assert!(i.options.no_answer);
+        assert_eq!(inv("/usr/bin/popivr(sales)").socket(), None);
+    }
+
+    #[test]
+    fn host_and_port_are_split_like_ast_sockaddr_split_hostport() {
+        for (input, host, port) in [
+            ("127.0.0.1", "127.0.0.1", None),
+            ("127.0.0.1:2950", "127.0.0.1", Some(2950)),
+            ("pbx.example.org", "pbx.example.org", None),
+            ("pbx:2950", "pbx", Some(2950)),
+            ("[::1]:2950", "::1", Some(2950)),
+            ("[::1]", "::1", None),
+            ("::1", "::1", None),
+            ("fe80::1:2:3", "fe80::1:2:3", None),
+        ] {
+            assert_eq!(split_host_port(input), Some((host, port)), "{input}");
+        }
+        assert_eq!(split_host_port("[::1"), None);
+        assert_eq!(split_host_port("host:port"), None);
     }
 
     #[test]

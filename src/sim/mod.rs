@@ -1,10 +1,17 @@
 //! An Asterisk-side simulator for tests and the demo.
 //!
-//! [`Sim`] runs a child exactly as `ExternalIVR()` does in process mode and
-//! plays Asterisk's part on its pipes, as `externalivr-protocol.md`
+//! [`Sim`] runs a child exactly as `ExternalIVR()` does in process mode (or
+//! connects to a server as in `ivr://` mode) and plays Asterisk's part on
+//! its pipes or socket, as `externalivr-protocol.md`
 //! describes (and `app_externalivr.c` implements). It shares no code with
 //! popivr's own codec, so it is an independent check of it:
 //!
+//! - `ivr://host[:port](args)` runs the same session over TCP, as
+//!   `app_externalivr.c` does: each address of the host in turn until one
+//!   accepts (port 2949 unless given), events and commands on the one
+//!   socket, no stderr, the `P` answer starting with `ivr://host:port`;
+//!   the socket is closed at the end and nothing is waited for
+//!   ([`Sim::wait_exit`] says [`ExitError::NoProcess`]);
 //! - the child is started from the `cmd(arg1,arg2,...)[,options]` syntax
 //!   ([`Invocation`]): no shell, no `PATH` search, an environment holding
 //!   only `PATH` and what the test gives; stdin and stdout are piped and
@@ -15,10 +22,11 @@
 //! - command lines are read like `fgets` with a 1024-byte buffer (a longer
 //!   line goes on as another command), stripped, lines under 3 bytes
 //!   ignored, dispatched on their first byte;
-//! - `P`, `G` (from a variable table, missing → empty), `V` (split on every
-//!   comma and the first `=`; writes to names ending in `)` are recorded as
-//!   function writes), `L`, `T`, `D`, `O`, `E`/`H` (answered, then the
-//!   pipes are closed);
+//! - `P` (argv comma-joined, cut to 99 bytes like Asterisk's 100-byte
+//!   buffer), `G` (from a variable table, missing → empty), `V` (split on
+//!   every comma and the first `=`; writes to names ending in `)` are
+//!   recorded as function writes), `L`, `T`, `D`, `O`, `E`/`H` (answered,
+//!   then the pipes are closed);
 //! - a playlist against a table of sound files with play times, in real
 //!   time: `S`, `A`, `I`, `Z` for unknown files or a channel that is not
 //!   up, `silence/10` when empty (no events), `F` when a file ends, `T`/`D`
@@ -75,6 +83,7 @@ pub mod transcript;
 pub use channel::{Channel, EndReason, GetReads, SILENCE};
 pub use invocation::{Invocation, InvocationError, Options};
 pub use session::{
-    Cue, ExitError, ExitReport, Next, Received, SessionEnd, Sim, SimConfig, WRITE_GRACE,
+    Cue, EXTERNALIVR_PORT, ExitError, ExitReport, Next, Received, SessionEnd, Sim, SimConfig,
+    WRITE_GRACE,
 };
 pub use transcript::{Dir, Entry, Transcript};

@@ -269,7 +269,8 @@ impl Run<'_> {
         for ext in self.extensions.iter_mut() {
             ext.finish(&mut self.sim).await.map_err(end)?;
         }
-        if !self.exit_checked {
+        // Over a socket nothing exits: the session's end is the whole story.
+        if !self.exit_checked && !self.sim.is_socket() {
             self.sim
                 .wait_exit(exit_bound)
                 .await

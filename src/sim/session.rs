@@ -8,13 +8,14 @@ use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, lookup_host};
+use tokio::process::{Child, ChildStderr, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{MissedTickBehavior, timeout, timeout_at};
 
 use super::channel::{Channel, EndReason, FRAME, GetReads, Output, SILENCE};
-use super::invocation::Invocation;
+use super::invocation::{Invocation, split_host_port};
 use super::lines::{LineSplitter, ast_strip};
 use super::transcript::{Dir, Transcript};
 
@@ -22,6 +23,9 @@ use super::transcript::{Dir, Transcript};
 /// its stdin is closed anyway (a child that stops reading must not hang
 /// the simulator).
 pub const WRITE_GRACE: Duration = Duration::from_millis(500);
+
+/// `ivr://` without a port connects here (`EXTERNALIVR_PORT`).
+pub const EXTERNALIVR_PORT: u16 = 2949;
 
 /// How long stderr is drained at the end for lines already written.
 const STDERR_DRAIN: Duration = Duration::from_millis(100);
@@ -128,6 +132,8 @@ pub enum ExitError {
         waited: Duration,
     },
     Wait(io::Error),
+    /// `ivr://` runs no process: Asterisk closes the socket and is done.
+    NoProcess,
 }
 
 impl std::fmt::Display for ExitError {
@@ -141,6 +147,7 @@ impl std::fmt::Display for ExitError {
                 )
             }
             ExitError::Wait(e) => write!(f, "waiting for the child: {e}"),
+            ExitError::NoProcess => f.write_str("ivr:// runs no process that could exit"),
         }
     }
 }
@@ -156,6 +163,21 @@ struct Shared {
     end: Option<SessionEnd>,
     closed_at: Option<Instant>,
     exit: Option<(Instant, Result<ExitStatus, String>)>,
+}
+
+impl Shared {
+    fn new(invocation: &Invocation, config: SimConfig) -> Arc<Mutex<Shared>> {
+        let channel =
+            Channel::new(invocation, config.vars, config.sounds).with_get_reads(config.get_reads);
+        Arc::new(Mutex::new(Shared {
+            channel,
+            transcript: Transcript::default(),
+            stderr: Vec::new(),
+            end: None,
+            closed_at: None,
+            exit: None,
+        }))
+    }
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -183,6 +205,9 @@ impl Sim {
     pub fn start(config: SimConfig) -> io::Result<Sim> {
         let invocation = Invocation::parse(&config.data)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if invocation.socket().is_some() {
+            return Ok(Sim::start_socket(config, invocation));
+        }
         let program = invocation.program();
         // execv: no PATH search; a bare name is relative to the directory.
         let path = if program.contains('/') {
@@ -209,16 +234,7 @@ impl Sim {
         let mut child = command.spawn()?;
         let started = Instant::now();
 
-        let channel =
-            Channel::new(&invocation, config.vars, config.sounds).with_get_reads(config.get_reads);
-        let shared = Arc::new(Mutex::new(Shared {
-            channel,
-            transcript: Transcript::default(),
-            stderr: Vec::new(),
-            end: None,
-            closed_at: None,
-            exit: None,
-        }));
+        let shared = Shared::new(&invocation, config);
         lock(&shared).transcript.push(
             Duration::ZERO,
             Dir::Note,
@@ -230,20 +246,11 @@ impl Sim {
             ),
         );
 
-        let (cue_tx, cue_rx) = mpsc::unbounded_channel();
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let (done_tx, done_rx) = watch::channel(false);
         let pipes = Pipes {
-            stdin: child.stdin.take().expect("stdin is piped"),
-            stdout: child.stdout.take().expect("stdout is piped"),
-            stderr: child.stderr.take().expect("stderr is piped"),
+            stdin: Box::new(child.stdin.take().expect("stdin is piped")),
+            stdout: Box::new(child.stdout.take().expect("stdout is piped")),
+            stderr: Some(child.stderr.take().expect("stderr is piped")),
         };
-        let session = Session {
-            shared: shared.clone(),
-            started,
-            commands: cmd_tx,
-        };
-        tokio::spawn(session.run(pipes, cue_rx, done_tx));
         let (kill_tx, kill_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = watch::channel(false);
         tokio::spawn(watch_child(
@@ -253,17 +260,86 @@ impl Sim {
             started,
             exited_tx,
         ));
+        let open = std::future::ready(Some(pipes));
+        Ok(Sim::launch(
+            invocation,
+            shared,
+            started,
+            open,
+            exited_rx,
+            Some(kill_tx),
+        ))
+    }
 
-        Ok(Sim {
+    /// `ivr://HOST[:PORT]`: connect as `app_externalivr.c` does (each
+    /// address of the host in turn until one accepts, port 2949 unless
+    /// given) and run the session on the socket; no stderr. If none
+    /// accepts, the session ends at once with [`EndReason::ConnectFailed`].
+    fn start_socket(config: SimConfig, invocation: Invocation) -> Sim {
+        let started = Instant::now();
+        let shared = Shared::new(&invocation, config);
+        let target = invocation.socket().unwrap_or_default().to_string();
+        lock(&shared).transcript.push(
+            Duration::ZERO,
+            Dir::Note,
+            format!(
+                "connecting to {target} for {:?}, options {:?}",
+                &invocation.argv[1..],
+                invocation.options
+            ),
+        );
+        let open = connect(target, shared.clone(), started);
+        // Nothing exits in socket mode; see `wait_exit`.
+        let (_, exited_rx) = watch::channel(false);
+        Sim::launch(invocation, shared, started, open, exited_rx, None)
+    }
+
+    /// The session task on the pipes or socket `open` yields (none: the
+    /// connection failed), and the handle on it.
+    fn launch(
+        invocation: Invocation,
+        shared: Arc<Mutex<Shared>>,
+        started: Instant,
+        open: impl Future<Output = Option<Pipes>> + Send + 'static,
+        exited: watch::Receiver<bool>,
+        kill: Option<oneshot::Sender<()>>,
+    ) -> Sim {
+        let (cue_tx, cue_rx) = mpsc::unbounded_channel();
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = watch::channel(false);
+        let session = Session {
+            shared: shared.clone(),
+            started,
+            commands: cmd_tx,
+        };
+        tokio::spawn(async move {
+            match open.await {
+                Some(pipes) => session.run(pipes, cue_rx, done_tx).await,
+                None => {
+                    let at = session.at();
+                    lock(&session.shared).end = Some(SessionEnd {
+                        reason: EndReason::ConnectFailed,
+                        at,
+                    });
+                    let _ = done_tx.send(true);
+                }
+            }
+        });
+        Sim {
             invocation,
             started,
             cues: cue_tx,
             commands: cmd_rx,
             shared,
             done: done_rx,
-            exited: exited_rx,
-            kill: Some(kill_tx),
-        })
+            exited,
+            kill,
+        }
+    }
+
+    /// `ivr://` mode: the session runs on a socket, and there is no child.
+    pub fn is_socket(&self) -> bool {
+        self.invocation.socket().is_some()
     }
 
     pub fn invocation(&self) -> &Invocation {
@@ -361,6 +437,9 @@ impl Sim {
     /// make them flaky; popivr's target of 100 ms after stdin EOF is for
     /// benches to measure with [`ExitReport::after_close`].
     pub async fn wait_exit(&mut self, bound: Duration) -> Result<ExitReport, ExitError> {
+        if self.is_socket() {
+            return Err(ExitError::NoProcess);
+        }
         let closed_at = lock(&self.shared).closed_at.ok_or(ExitError::SessionOpen)?;
         let deadline = tokio::time::Instant::from_std(closed_at + bound);
         if timeout_at(deadline, self.exited.wait_for(|e| *e))
@@ -416,10 +495,50 @@ async fn watch_child(
     let _ = exited.send(true);
 }
 
+/// Asterisk's ends of the conversation: the child's pipes, or the two
+/// halves of the `ivr://` socket (no stderr then).
 struct Pipes {
-    stdin: ChildStdin,
-    stdout: ChildStdout,
-    stderr: ChildStderr,
+    stdin: Box<dyn AsyncWrite + Send + Unpin>,
+    stdout: Box<dyn AsyncRead + Send + Unpin>,
+    stderr: Option<ChildStderr>,
+}
+
+/// Resolve `target` (`HOST[:PORT]`) and connect to each address in turn
+/// until one accepts, noting every failure; the socket's two halves.
+async fn connect(target: String, shared: Arc<Mutex<Shared>>, started: Instant) -> Option<Pipes> {
+    let note = |text: String| {
+        let at = started.elapsed();
+        lock(&shared).transcript.push(at, Dir::Note, text);
+    };
+    let addrs: Vec<_> = match split_host_port(&target) {
+        Some((host, port)) => match lookup_host((host, port.unwrap_or(EXTERNALIVR_PORT))).await {
+            Ok(addrs) => addrs.collect(),
+            Err(e) => {
+                note(format!("Unable to locate host '{target}': {e}"));
+                Vec::new()
+            }
+        },
+        None => {
+            note(format!("Unable to locate host '{target}'"));
+            Vec::new()
+        }
+    };
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                note(format!("connected to {addr}"));
+                let (read, write) = stream.into_split();
+                return Some(Pipes {
+                    stdin: Box::new(write),
+                    stdout: Box::new(read),
+                    stderr: None,
+                });
+            }
+            Err(e) => note(format!("connect to {addr} failed: {e}")),
+        }
+    }
+    note("Could not connect to any host.  ExternalIVR failed.".into());
+    None
 }
 
 /// The task that plays Asterisk: `eivr_comm()`'s loop.
@@ -455,12 +574,14 @@ impl Session {
         let (line_tx, mut lines) = mpsc::unbounded_channel();
         let stdout_reader = tokio::spawn(read_lines(pipes.stdout, line_tx));
         let (stop_stderr, stop_rx) = oneshot::channel();
-        let stderr_reader = tokio::spawn(read_stderr(
-            pipes.stderr,
-            stop_rx,
-            self.shared.clone(),
-            self.started,
-        ));
+        let stderr_reader = pipes.stderr.map(|stderr| {
+            tokio::spawn(read_stderr(
+                stderr,
+                stop_rx,
+                self.shared.clone(),
+                self.started,
+            ))
+        });
 
         let mut frames = tokio::time::interval(FRAME);
         frames.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -514,7 +635,9 @@ impl Session {
             ));
         }
         let _ = stop_stderr.send(());
-        let _ = stderr_reader.await;
+        if let Some(reader) = stderr_reader {
+            let _ = reader.await;
+        }
         {
             let mut shared = lock(&self.shared);
             shared.closed_at = Some(closed_at);
@@ -597,7 +720,7 @@ fn unix_time() -> u64 {
 /// The stdin writer: never blocks the session; ends (closing stdin) when
 /// the session drops its sender or a write fails.
 async fn write_events(
-    mut stdin: ChildStdin,
+    mut stdin: impl AsyncWrite + Unpin,
     mut events: mpsc::UnboundedReceiver<String>,
     shared: Arc<Mutex<Shared>>,
     started: Instant,

@@ -1,0 +1,564 @@
+//! `popivr serve`: one daemon for many calls over `ivr://`.
+//!
+//! Asterisk runs `ExternalIVR(ivr://host:2949(PROFILE,args),opts)` by
+//! connecting here and speaking the same line protocol as with a child
+//! process, on the one socket. Each connection is one call driven by the
+//! same [`crate::run::drive`] loop and call core as the per-call shell;
+//! the calls of one XMPP account share one logged-in session ([`hub`]),
+//! and replies are routed to the call they answer ([`router`]).
+//!
+//! - **Parameters first.** The profile and arguments come only from
+//!   Asterisk's answer to `P`, so `P,x` is the first line we write; the
+//!   call (and its hold audio) starts the moment the answer is in. Until
+//!   then Asterisk's generator plays silence; the round trip is one line
+//!   each way on an open socket (tens of microseconds on loopback, see
+//!   `examples/serve_load.rs`). A hold file cannot go out before the
+//!   answer: which one depends on the profile.
+//! - **Isolation.** Each connection has its own tasks, a bounded line
+//!   reader (4 KiB a line, longer ones skipped), bounded queues, and a
+//!   write timeout; garbage is skipped and counted, a stalled or vanished
+//!   Asterisk ends only its own call. At most `--max-calls` calls run; one
+//!   more gets `E` (the dialplan goes on, `POPIVR_ACTION` unset).
+//! - **Signals.** SIGTERM or SIGINT drains: the listeners close (Asterisk's
+//!   next connection fails over to another address), running calls go on
+//!   until they end or `--drain-timeout` passes, then they take their
+//!   default action at once. A second SIGTERM cuts the wait. SIGHUP
+//!   reloads the configuration for new calls; a file that does not load
+//!   is reported and the running configuration kept.
+//! - **systemd.** With `NOTIFY_SOCKET` set, `READY=1` is sent once the
+//!   listeners are bound, `RELOADING=1`/`READY=1` around a reload and
+//!   `STOPPING=1` when the drain starts (`Type=notify`).
+
+pub mod hub;
+pub mod router;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, timeout};
+
+use crate::call::{Call, Input, OutgoingMessage};
+use crate::config::{self, Agent, Config, Profile};
+use crate::eivr::{self, Command, Event, EventLine, LineReader};
+use crate::logging::Logger;
+use crate::run::{self, CallSetup, Control, Link};
+use crate::xmpp::SessionOptions;
+pub use hub::{Hub, HubLink};
+
+/// Asterisk's default port for `ivr://` (`EXTERNALIVR_PORT`).
+pub const DEFAULT_PORT: u16 = 2949;
+/// How long Asterisk may take to answer our `P`.
+pub const PARAMS_WAIT: Duration = Duration::from_secs(5);
+/// Events that arrive before the `P` answer (a key pressed during the
+/// first instant) are kept for the call, up to this many.
+const EARLY_EVENTS: usize = 16;
+/// Read buffer per connection: events are short, and a longer line is
+/// read in pieces by the line reader anyway.
+const READ_BUFFER: usize = 2048;
+/// After the drain's default actions: how long Asterisk gets to answer
+/// the `E`/`H`s before the connections are closed.
+const EXPIRE_GRACE: Duration = Duration::from_secs(5);
+/// How long a refused connection gets to read our `E` and close.
+const LEAVE_GRACE: Duration = Duration::from_secs(1);
+/// Asterisk builds the `P` answer in a 100-byte buffer: 99 characters
+/// mean it may have cut the arguments.
+const P_BUFFER_FULL: usize = 99;
+
+/// What `popivr serve` was told on its command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: PathBuf,
+    /// Addresses to listen on; empty: `[::]:2949` (IPv4 too), or
+    /// `0.0.0.0:2949` where IPv6 is off.
+    pub listen: Vec<String>,
+    pub max_calls: usize,
+    pub drain_timeout: Duration,
+    /// Call ids (and tags) are this prefix and a number: give each daemon
+    /// sharing an account its own.
+    pub id_prefix: String,
+}
+
+/// Run the daemon until SIGTERM/SIGINT and the drain are over.
+pub async fn serve(opts: Options, log: Logger) -> Result<()> {
+    if opts.id_prefix.len() > router::MAX_PREFIX
+        || !opts.id_prefix.bytes().all(|b| b.is_ascii_lowercase())
+    {
+        bail!(
+            "--id-prefix must be at most {} lower-case letters a-z",
+            router::MAX_PREFIX
+        );
+    }
+    let config = config::load_file(&opts.config)?;
+    for w in &config.warnings {
+        log.warn(w);
+    }
+    let listeners = bind(&opts.listen).await?;
+    let daemon = Daemon::new(&opts, log.clone());
+    daemon.install(&config);
+    let daemon = Arc::new(daemon);
+
+    let (conn_tx, mut conns) = mpsc::channel(64);
+    let mut acceptors = Vec::new();
+    for listener in listeners {
+        let addr = listener.local_addr()?;
+        log.info(&format!("listening on {addr}"));
+        acceptors.push(tokio::spawn(accept(listener, conn_tx.clone(), log.clone())));
+    }
+    drop(conn_tx);
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let (control, control_rx) = watch::channel(Control::Run);
+    let mut calls = JoinSet::new();
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut next = 0u64;
+    notify("READY=1");
+
+    let why = loop {
+        tokio::select! {
+            conn = conns.recv() => {
+                let Some((stream, peer)) = conn else { break "no listener left" };
+                if live.load(Ordering::Relaxed) >= opts.max_calls {
+                    log.warn(&format!(
+                        "call from {peer} refused: {} calls running (--max-calls)",
+                        opts.max_calls
+                    ));
+                    tokio::spawn(leave(stream, "popivr: busy"));
+                    continue;
+                }
+                next += 1;
+                let guard = Live::new(&live);
+                let daemon = daemon.clone();
+                let control = control_rx.clone();
+                calls.spawn(async move {
+                    daemon.connection(stream, peer, next, control, guard).await;
+                });
+            }
+            Some(done) = calls.join_next() => {
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    log.error(&format!("a call's task panicked: {e}"));
+                }
+            }
+            _ = hup.recv() => {
+                notify("RELOADING=1");
+                daemon.reload();
+                notify("READY=1");
+            }
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+        }
+    };
+
+    // Drain: no new calls (Asterisk tries its next address), the running
+    // ones end on their own or take their default action at the bound.
+    notify("STOPPING=1");
+    for acceptor in &acceptors {
+        acceptor.abort();
+    }
+    drop(conns);
+    let running = live.load(Ordering::Relaxed);
+    log.info(&format!(
+        "{why}: not taking calls; {running} running, default action in {:?} at the latest",
+        opts.drain_timeout
+    ));
+    let deadline = Instant::now() + opts.drain_timeout;
+    let expired = tokio::select! {
+        _ = all_done(&mut calls) => false,
+        _ = tokio::time::sleep_until(deadline) => true,
+        _ = term.recv() => true,
+        _ = int.recv() => true,
+    };
+    if expired && !calls.is_empty() {
+        log.info(&format!(
+            "{} call(s) still running: default action now",
+            live.load(Ordering::Relaxed)
+        ));
+        let _ = control.send(Control::Expire);
+        if timeout(EXPIRE_GRACE, all_done(&mut calls)).await.is_err() {
+            log.warn("calls still open after their default action: closing them");
+            let _ = control.send(Control::Stop("shutting down"));
+            if timeout(Duration::from_secs(1), all_done(&mut calls))
+                .await
+                .is_err()
+            {
+                calls.abort_all();
+            }
+        }
+    }
+    daemon.shutdown().await;
+    log.info("stopped");
+    Ok(())
+}
+
+async fn all_done(calls: &mut JoinSet<()>) {
+    while calls.join_next().await.is_some() {}
+}
+
+/// Counts a running call for `--max-calls` while it lives.
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Live(count.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn bind(addrs: &[String]) -> Result<Vec<TcpListener>> {
+    if addrs.is_empty() {
+        // `[::]` also takes IPv4 (v4-mapped) unless IPv6 is off.
+        return match TcpListener::bind(("::", DEFAULT_PORT)).await {
+            Ok(l) => Ok(vec![l]),
+            Err(_) => Ok(vec![
+                TcpListener::bind(("0.0.0.0", DEFAULT_PORT))
+                    .await
+                    .with_context(|| format!("cannot listen on port {DEFAULT_PORT}"))?,
+            ]),
+        };
+    }
+    let mut out = Vec::new();
+    for addr in addrs {
+        let listener = TcpListener::bind(addr.as_str())
+            .await
+            .with_context(|| format!("cannot listen on {addr} (HOST:PORT, [V6]:PORT)"))?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+async fn accept(listener: TcpListener, conns: mpsc::Sender<(TcpStream, SocketAddr)>, log: Logger) {
+    loop {
+        match listener.accept().await {
+            Ok(conn) => {
+                if conns.send(conn).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Out of descriptors and the like: wait rather than spin.
+                log.warn(&format!("accept failed: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// What new calls use; replaced as a whole on reload.
+struct Current {
+    profiles: BTreeMap<String, Arc<Prepared>>,
+    hubs: BTreeMap<String, Hub>,
+}
+
+/// A profile with what every call of it shares.
+struct Prepared {
+    profile: Arc<Profile>,
+    agents: Arc<BTreeMap<String, Agent>>,
+}
+
+struct Daemon {
+    config_path: PathBuf,
+    prefix: String,
+    log: Logger,
+    current: RwLock<Arc<Current>>,
+    /// Every hub started, for the shutdown (kept across reloads).
+    tasks: std::sync::Mutex<Vec<(Hub, hub::HubTask)>>,
+}
+
+impl Daemon {
+    fn new(opts: &Options, log: Logger) -> Self {
+        Daemon {
+            config_path: opts.config.clone(),
+            prefix: opts.id_prefix.clone(),
+            log,
+            current: RwLock::new(Arc::new(Current {
+                profiles: BTreeMap::new(),
+                hubs: BTreeMap::new(),
+            })),
+            tasks: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn current(&self) -> Arc<Current> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Make `config` the one new calls use: hubs for accounts new to us,
+    /// new settings for the others.
+    fn install(&self, config: &Config) {
+        let old = self.current();
+        // One session per account, with what all its profiles need.
+        let mut needs: BTreeMap<&str, SessionOptions> = BTreeMap::new();
+        for profile in config.profiles.values().filter(|p| p.uses_xmpp()) {
+            let options = needs.entry(profile.account.as_str()).or_default();
+            let more = SessionOptions::for_profile(profile);
+            for contact in more.contacts {
+                if !options.contacts.contains(&contact) {
+                    options.contacts.push(contact);
+                }
+            }
+            for room in more.rooms {
+                if !options.rooms.contains(&room) {
+                    options.rooms.push(room);
+                }
+            }
+        }
+        let mut hubs = BTreeMap::new();
+        for (name, options) in needs {
+            let Some(account) = config.accounts.get(name) else {
+                continue;
+            };
+            let hub = match old.hubs.get(name) {
+                Some(hub) => {
+                    hub.reconfigure(account.clone(), options);
+                    hub.clone()
+                }
+                None => {
+                    let (hub, task) =
+                        Hub::spawn(account.clone(), options, &self.prefix, self.log.clone());
+                    self.tasks
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((hub.clone(), task));
+                    hub
+                }
+            };
+            hubs.insert(account.name.clone(), hub);
+        }
+        let profiles = config
+            .profiles
+            .iter()
+            .map(|(name, profile)| {
+                let setup = CallSetup::new(config, profile, &[]);
+                let prepared = Prepared {
+                    profile: setup.profile,
+                    agents: setup.agents,
+                };
+                (name.clone(), Arc::new(prepared))
+            })
+            .collect();
+        let current = Arc::new(Current { profiles, hubs });
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = current;
+    }
+
+    fn reload(&self) {
+        match config::load_file(&self.config_path) {
+            Ok(config) => {
+                for w in &config.warnings {
+                    self.log.warn(w);
+                }
+                self.install(&config);
+                self.log.info(&format!(
+                    "configuration reloaded: {} profile(s) for new calls",
+                    config.profiles.len()
+                ));
+            }
+            Err(e) => self.log.error(&format!(
+                "configuration not reloaded, the previous one stays in use: {e}"
+            )),
+        }
+    }
+
+    async fn shutdown(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for (hub, task) in tasks {
+            hub.shutdown(task).await;
+        }
+    }
+
+    /// One call, from the accepted connection to its end.
+    async fn connection(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        n: u64,
+        control: watch::Receiver<Control>,
+        live: Live,
+    ) {
+        let id = format!("{}{n}", self.prefix);
+        let log = self.log.with_prefix(format!("popivr[{id}]"));
+        // Each command is one small write Asterisk acts on at once.
+        let _ = stream.set_nodelay(true);
+        let (rd, mut wr) = stream.into_split();
+        let mut events = LineReader::new(BufReader::with_capacity(READ_BUFFER, rd));
+        let asked = Instant::now();
+        if write_command(&mut wr, &Command::GetParams).await.is_err() {
+            log.info(&format!("connection from {peer} closed at once"));
+            return;
+        }
+        let (params, early) = match timeout(PARAMS_WAIT, read_params(&mut events, &log)).await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => {
+                log.info(&format!("{peer} hung up before the call began"));
+                return;
+            }
+            Err(_) => {
+                log.warn(&format!(
+                    "no answer to P from {peer} within {PARAMS_WAIT:?}: not Asterisk? closing"
+                ));
+                return;
+            }
+        };
+        log.debug(&format!(
+            "parameters in {}us: {}",
+            asked.elapsed().as_micros(),
+            params.join(",")
+        ));
+        if params.join(",").len() == P_BUFFER_FULL {
+            log.warn("the P answer fills Asterisk's 99-byte buffer: arguments may be cut");
+        }
+        // `ivr://host:port`, then the arguments inside the parentheses.
+        let name = params.get(1).map(String::as_str).unwrap_or("");
+        let current = self.current();
+        let Some(prepared) = current.profiles.get(name) else {
+            log.error(&format!(
+                "call from {peer}: no profile [{name}]; the dialplan goes on"
+            ));
+            leave_halves(wr, events, "popivr: unknown profile").await;
+            return;
+        };
+        log.info(&format!("call from {peer}, profile [{name}]"));
+        let args = run::parse_args(params.get(2..).unwrap_or_default());
+        let call =
+            Call::new(prepared.profile.clone(), id, args).with_agents(prepared.agents.clone());
+        let link = current
+            .hubs
+            .get(&prepared.profile.account)
+            .map(|hub| hub.link(n));
+        let end = run::drive(call, early, events, wr, link, control, &log).await;
+        // Its place is free before anyone reads that it is over.
+        drop(live);
+        log.info(&format!("call over: {end}"));
+    }
+}
+
+/// Events up to the answer to `P`: its data, and the events before it.
+/// `None` if the call ended first.
+async fn read_params(
+    events: &mut LineReader<BufReader<OwnedReadHalf>>,
+    log: &Logger,
+) -> Option<(Vec<String>, Vec<EventLine>)> {
+    let mut early = Vec::new();
+    let mut malformed = run::Malformed::default();
+    loop {
+        match events.next_event().await {
+            Ok(Some(Ok(line))) => match line.event {
+                Event::Params(params) => return Some((params, early)),
+                Event::Hangup | Event::Exit => return None,
+                _ if early.len() < EARLY_EVENTS => early.push(line),
+                _ => log.debug("event before the parameters dropped"),
+            },
+            Ok(Some(Err(e))) => malformed.skipped(&e, log),
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+async fn write_command(out: &mut OwnedWriteHalf, cmd: &Command) -> std::io::Result<()> {
+    let line = eivr::render(cmd).map_err(std::io::Error::other)?;
+    timeout(run::WRITE_TIMEOUT, out.write_all(line.as_bytes()))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out"))?
+}
+
+/// Send Asterisk on with the dialplan (`E`) and close once it has read it.
+async fn leave(stream: TcpStream, why: &str) {
+    let (rd, wr) = stream.into_split();
+    leave_halves(wr, LineReader::new(BufReader::new(rd)), why).await;
+}
+
+async fn leave_halves(
+    mut wr: OwnedWriteHalf,
+    events: LineReader<BufReader<OwnedReadHalf>>,
+    why: &str,
+) {
+    if write_command(&mut wr, &Command::Exit(why.to_string()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Asterisk answers `E` and closes; closing first, with its answer
+    // unread, would reset the connection under our own line.
+    let mut rd = events.into_inner();
+    let mut sink = [0u8; 256];
+    let _ = timeout(LEAVE_GRACE, async {
+        while let Ok(1..) = rd.read(&mut sink).await {}
+    })
+    .await;
+}
+
+/// `sd_notify`: tell systemd how we are (`Type=notify`). Without
+/// `NOTIFY_SOCKET` this does nothing.
+fn notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::from_abstract_name(name),
+        None => UnixAddr::from_pathname(&path),
+    };
+    if let (Ok(addr), Ok(sock)) = (addr, UnixDatagram::unbound()) {
+        let _ = sock.send_to_addr(state.as_bytes(), &addr);
+    }
+}
+
+/// A call whose profile has targets but whose account has no hub has no
+/// XMPP: it logs that once, and its default action comes at the timeout.
+impl Link for Option<HubLink> {
+    fn connect(&mut self, log: &Logger) {
+        match self {
+            Some(link) => link.connect(log),
+            None => log.error("the profile has targets but no account"),
+        }
+    }
+
+    fn send(&mut self, msg: OutgoingMessage, log: &Logger) {
+        if let Some(link) = self {
+            link.send(msg, log);
+        }
+    }
+
+    fn decided(&mut self, outcome: &str) {
+        if let Some(link) = self {
+            link.decided(outcome);
+        }
+    }
+
+    async fn recv(&mut self) -> Input {
+        match self {
+            Some(link) => link.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn close(self) {
+        if let Some(link) = self {
+            link.close().await;
+        }
+    }
+}

@@ -1,0 +1,635 @@
+//! `popivr serve` end to end: the real binary as a daemon, simulated
+//! Asterisk channels connecting over `ivr://` (the simulator's TCP mode),
+//! and a real prosody with real agents for the XMPP side.
+//!
+//! Bounds are generous (the machines are shared); speed is for benches.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use popivr::sim::{EndReason, Next, Sim, SimConfig};
+use support::{Prosody, TestAgent, TestMessage, body};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use xmpp_parsers::message::Message;
+
+/// Bound for anything that should be quick.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A running `popivr serve`, killed on drop.
+struct Daemon {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(config: &Path, extra: &[&str]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_popivr"))
+            .arg("--config")
+            .arg(config)
+            .args(["-v", "serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start popivr serve");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = addr_tx.send(addr.trim().to_string());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr = addr_rx
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("popivr serve did not listen: {:?}", log.lock().unwrap()));
+        Daemon { child, addr, log }
+    }
+
+    /// The simulator's view of `ExternalIVR(ivr://ADDR(args),opts)`.
+    fn call(&self, args: &str) -> SimConfig {
+        SimConfig::new(format!("ivr://{}({args})", self.addr))
+            .sound("moh/a", Duration::from_secs(1))
+            .sound("moh/b", Duration::from_secs(1))
+            .sound("vm-intro", Duration::from_millis(200))
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Wait for a log line containing every one of `parts`.
+    async fn wait_log(&self, parts: &[&str]) {
+        let t0 = Instant::now();
+        while t0.elapsed() < WAIT {
+            if self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no log line with {parts:?}:\n{}", self.log());
+    }
+
+    fn count_log(&self, part: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(part))
+            .count()
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0);
+    }
+
+    async fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                t0.elapsed() < bound,
+                "popivr serve still running after {bound:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("popivr.conf");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    path
+}
+
+const KEYS: &str = "\
+[wait]
+type = profile
+hold = moh/a
+key = 1 -> continue desk
+key = 2 -> continue sales
+timeout = 600
+default = continue voicemail
+";
+
+/// The next command, failing with the transcript after [`WAIT`].
+async fn next(sim: &mut Sim) -> String {
+    match sim.next_command(WAIT).await {
+        Next::Command(c) => c.line,
+        other => panic!("no command: {other:?}\n{}", sim.transcript()),
+    }
+}
+
+/// The next command that is not the hold loop or a variable read.
+async fn next_real(sim: &mut Sim) -> String {
+    loop {
+        let line = next(sim).await;
+        if !line.starts_with("A,moh/") && !line.starts_with("G,") {
+            return line;
+        }
+    }
+}
+
+/// Expect the call to set `POPIVR_ACTION=action` and leave with `E`.
+async fn expect_action(sim: &mut Sim, action: &str) {
+    let v = next_real(sim).await;
+    assert!(
+        v.starts_with(&format!("V,POPIVR_ACTION={action},")),
+        "{v}\n{}",
+        sim.transcript()
+    );
+    let e = next_real(sim).await;
+    assert!(e.starts_with("E,"), "{e}\n{}", sim.transcript());
+    assert_eq!(
+        sim.wait_end(WAIT).await.map(|e| e.reason),
+        Some(EndReason::Exit),
+        "{}",
+        sim.transcript()
+    );
+}
+
+/// The call starts like a per-call one: `P` first, then the hold audio.
+async fn expect_start(sim: &mut Sim) {
+    assert_eq!(next(sim).await, "P,x", "{}", sim.transcript());
+    assert_eq!(next(sim).await, "S,moh/a", "{}", sim.transcript());
+}
+
+#[tokio::test]
+async fn a_call_over_ivr_runs_like_a_per_call_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(dir.path(), KEYS), &[]);
+    let mut sim = Sim::start(daemon.call("wait,x=1")).unwrap();
+    expect_start(&mut sim).await;
+    sim.key('2');
+    expect_action(&mut sim, "sales").await;
+    assert_eq!(sim.var("POPIVR_REPLY").as_deref(), Some("2"));
+    daemon.wait_log(&["popivr[1]", "call over"]).await;
+}
+
+/// No command but the hold loop for `span`: the call is still waiting.
+async fn still_waiting(sim: &mut Sim, span: Duration) {
+    let deadline = Instant::now() + span;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match sim.next_command(left).await {
+            Next::Command(c) if c.line.starts_with("A,moh/") || c.line.starts_with("G,") => {}
+            Next::Command(c) => panic!("unexpected `{}`\n{}", c.line, sim.transcript()),
+            Next::Ended => panic!("the call ended\n{}", sim.transcript()),
+            Next::TimedOut => return,
+        }
+    }
+}
+
+#[tokio::test]
+async fn garbage_slow_and_vanishing_connections_leave_other_calls_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(dir.path(), KEYS), &[]);
+    let mut good = Sim::start(daemon.call("wait")).unwrap();
+    expect_start(&mut good).await;
+
+    // Not Asterisk at all: binary garbage, a line far over the limit and
+    // no newline at the end. It never answers P and is closed.
+    let mut garbage = tokio::net::TcpStream::connect(&daemon.addr).await.unwrap();
+    let mut junk: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+    junk.extend(std::iter::repeat_n(b'x', 200_000));
+    junk.extend(b"\nP,notatime\n\xff\xfe,,,\n");
+    garbage.write_all(&junk).await.unwrap();
+    // Connects and then says nothing, reads nothing.
+    let silent = tokio::net::TcpStream::connect(&daemon.addr).await.unwrap();
+    // A call that begins properly and then turns to garbage.
+    let mut noisy = Sim::start(daemon.call("wait")).unwrap();
+    expect_start(&mut noisy).await;
+    for _ in 0..50 {
+        noisy.send_raw("\u{0}\u{1b}[31m not an event");
+    }
+    noisy.send_raw("y".repeat(100_000));
+    // A call whose Asterisk vanishes without a word.
+    let mut vanishing = Sim::start(daemon.call("wait")).unwrap();
+    expect_start(&mut vanishing).await;
+    vanishing.close();
+
+    // The good call goes on untouched, and so does the noisy one.
+    still_waiting(&mut good, Duration::from_millis(500)).await;
+    // The vanished call was ended and cleaned up (the only one over yet).
+    daemon.wait_log(&["call over"]).await;
+    good.key('1');
+    expect_action(&mut good, "desk").await;
+    noisy.key('2');
+    expect_action(&mut noisy, "sales").await;
+
+    // Garbage and silence are dropped once they fail to answer P in time.
+    for mut conn in [garbage, silent] {
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(WAIT, async {
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "connection left open\n{}", daemon.log());
+    }
+    assert!(daemon.count_log("no answer to P") >= 2, "{}", daemon.log());
+}
+
+#[tokio::test]
+async fn the_call_cap_turns_calls_away_and_a_closed_call_frees_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(dir.path(), KEYS), &["--max-calls", "2"]);
+    let mut a = Sim::start(daemon.call("wait")).unwrap();
+    expect_start(&mut a).await;
+    let mut b = Sim::start(daemon.call("wait")).unwrap();
+    expect_start(&mut b).await;
+    // One too many: sent on with the dialplan, not left in silence.
+    let mut c = Sim::start(daemon.call("wait")).unwrap();
+    assert_eq!(next(&mut c).await, "E,popivr: busy");
+    assert_eq!(
+        c.wait_end(WAIT).await.map(|e| e.reason),
+        Some(EndReason::Exit)
+    );
+    // Asterisk drops a: its place is free again.
+    a.close();
+    daemon.wait_log(&["popivr[1]", "call over"]).await;
+    let mut d = Sim::start(daemon.call("wait")).unwrap();
+    expect_start(&mut d).await;
+    b.key('1');
+    expect_action(&mut b, "desk").await;
+    d.key('2');
+    expect_action(&mut d, "sales").await;
+}
+
+#[tokio::test]
+async fn unknown_profiles_send_the_call_on_with_the_dialplan() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&write_config(dir.path(), KEYS), &[]);
+    let mut sim = Sim::start(daemon.call("nope")).unwrap();
+    assert_eq!(next(&mut sim).await, "P,x");
+    assert_eq!(next(&mut sim).await, "E,popivr: unknown profile");
+    assert_eq!(
+        sim.wait_end(WAIT).await.map(|e| e.reason),
+        Some(EndReason::Exit)
+    );
+    daemon.wait_log(&["popivr[1]", "no profile [nope]"]).await;
+}
+
+/// A call of the profile `[other]` the reload test adds.
+async fn call_other(daemon: &Daemon) {
+    let mut sim = Sim::start(daemon.call("other")).unwrap();
+    assert_eq!(next(&mut sim).await, "P,x");
+    assert_eq!(next(&mut sim).await, "S,moh/b");
+    sim.key('1');
+    expect_action(&mut sim, "other").await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_for_new_calls_and_keeps_the_old_config_if_the_new_one_is_broken() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), KEYS);
+    let daemon = Daemon::start(&path, &[]);
+    let mut old = Sim::start(daemon.call("wait")).unwrap();
+    expect_start(&mut old).await;
+
+    let other = "[other]\ntype = profile\nhold = moh/b\nkey = 1 -> continue other\ntimeout = 600\n";
+    write_config(dir.path(), &format!("{KEYS}\n{other}"));
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log(&["configuration reloaded"]).await;
+    call_other(&daemon).await;
+
+    write_config(dir.path(), "[broken\n");
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log(&["configuration not reloaded"]).await;
+    call_other(&daemon).await;
+
+    // The call from before the reloads kept its profile.
+    old.key('2');
+    expect_action(&mut old, "sales").await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_stops_taking_calls_and_exits_after_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(&write_config(dir.path(), KEYS), &["--drain-timeout", "2"]);
+    let mut a = Sim::start(daemon.call("wait")).unwrap();
+    expect_start(&mut a).await;
+    let mut b = Sim::start(daemon.call("wait")).unwrap();
+    expect_start(&mut b).await;
+    daemon.signal(libc::SIGTERM);
+    daemon.wait_log(&["SIGTERM", "not taking calls"]).await;
+    // The listener is closed: Asterisk's next connection fails over.
+    let t0 = Instant::now();
+    while tokio::net::TcpStream::connect(&daemon.addr).await.is_ok() {
+        assert!(t0.elapsed() < WAIT, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Running calls go on as usual...
+    a.key('1');
+    expect_action(&mut a, "desk").await;
+    // ... and at the drain bound the rest take their default action.
+    expect_action(&mut b, "voicemail").await;
+    assert_eq!(b.var("POPIVR_REPLY").as_deref(), Some("timeout"));
+    let status = daemon.wait_exit(WAIT).await;
+    assert!(status.success(), "{status}\n{}", daemon.log());
+}
+
+// ---- XMPP: one session for all calls, replies routed to their call ----
+
+const PBX_PW: &str = "pbx-secret-1";
+const AGENT_PW: &str = "agent-secret-1";
+
+/// The account, then the profiles.
+fn xmpp_config(server: &Prosody, profiles: &str) -> String {
+    format!(
+        "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {}\nusername = {}\n\
+         secret = {PBX_PW}\nca_file = {}\n\n{profiles}",
+        server.port(),
+        server.jid("pbx"),
+        server.ca_pem().display()
+    )
+}
+
+/// A profile popping `target` with the call's `n` argument in the text.
+fn pop_profile(name: &str, target: &str, timeout_secs: u32) -> String {
+    format!(
+        "[{name}]\ntype = profile\naccount = pbx\ntargets = {target}\nhold = moh/a\n\
+         template = Call n=${{n}}\nconfirm = Call n=${{n}}: $outcome$\n\
+         reply = 1 -> continue desk\nreply = 2 -> continue sales\n\
+         timeout = {timeout_secs}\ndefault = continue voicemail\n\n"
+    )
+}
+
+fn server_with(agents: &[&str]) -> Prosody {
+    let mut builder = Prosody::builder().user("pbx", PBX_PW);
+    for a in agents {
+        builder = builder.user(a, AGENT_PW);
+    }
+    builder.start()
+}
+
+/// `name` at their desk. Pops go to available agents only, so they
+/// accept popivr's presence subscription (asked once, kept by the server).
+async fn agent(server: &Prosody, name: &str) -> TestAgent {
+    let mut agent = TestAgent::login(server, name, AGENT_PW).await;
+    let pbx = server.jid("pbx");
+    assert!(
+        agent.approve_subscription(&pbx, WAIT).await,
+        "{name}: no subscription request from {pbx}"
+    );
+    agent
+}
+
+/// The next pop (`Call n=K`) an agent gets: (K, the call's thread).
+async fn next_pop(agent: &mut TestAgent) -> (u32, String) {
+    let m = agent
+        .expect_message(|m| body(m).is_some_and(|b| b.starts_with("Call n=") && !b.contains(':')))
+        .await;
+    let n = body(&m).unwrap()["Call n=".len()..].parse().unwrap();
+    let thread = m
+        .thread
+        .as_ref()
+        .expect("a pop carries its call's thread")
+        .id
+        .clone();
+    (n, thread)
+}
+
+async fn expect_text(agent: &mut TestAgent, pred: impl Fn(&str) -> bool) -> String {
+    let m: Message = agent.expect_message(|m| body(m).is_some_and(&pred)).await;
+    body(&m).unwrap().to_string()
+}
+
+/// A server with alice, a daemon whose profile `pop` pops her, and alice
+/// logged in; the last is popivr's own JID.
+async fn one_agent() -> (Prosody, tempfile::TempDir, Daemon, TestAgent, String) {
+    let server = server_with(&["alice"]);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = xmpp_config(&server, &pop_profile("pop", &server.jid("alice"), 600));
+    let daemon = Daemon::start(&write_config(dir.path(), &conf), &[]);
+    daemon.wait_log(&["online as"]).await;
+    let alice = agent(&server, "alice").await;
+    let pbx = server.jid("pbx");
+    (server, dir, daemon, alice, pbx)
+}
+
+#[tokio::test]
+async fn two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread() {
+    let (_server, _dir, daemon, mut alice, pbx) = one_agent().await;
+
+    let mut one = Sim::start(daemon.call("pop,n=1")).unwrap();
+    expect_start(&mut one).await;
+    let (n, thread_one) = next_pop(&mut alice).await;
+    assert_eq!(n, 1);
+    let mut two = Sim::start(daemon.call("pop,n=2")).unwrap();
+    expect_start(&mut two).await;
+    let (n, thread_two) = next_pop(&mut alice).await;
+    assert_eq!(n, 2);
+    assert_ne!(thread_one, thread_two);
+
+    // The tag the agent typed picks the second call; the call never sees it.
+    alice.send_chat(&pbx, &format!("#{thread_two} 2")).await;
+    expect_action(&mut two, "sales").await;
+    assert_eq!(two.var("POPIVR_REPLY").as_deref(), Some("2"));
+    assert_eq!(two.var("POPIVR_AGENT"), Some(alice.bare()));
+    // A reply in the first call's thread goes to the first call.
+    alice
+        .send(TestMessage::chat(&pbx, "1").thread(&thread_one))
+        .await;
+    expect_action(&mut one, "desk").await;
+    assert_eq!(one.var("POPIVR_REPLY").as_deref(), Some("1"));
+    expect_text(&mut alice, |b| b == "Call n=2: sent to sales").await;
+    expect_text(&mut alice, |b| b == "Call n=1: sent to desk").await;
+
+    // Late replies for calls that are over get a notice.
+    alice.send_chat(&pbx, &format!("#{thread_two} 1")).await;
+    let text = expect_text(&mut alice, |b| b.contains("already handled")).await;
+    assert_eq!(
+        text,
+        format!("Call #{thread_two} was already handled: sent to sales.")
+    );
+}
+
+#[tokio::test]
+async fn an_ambiguous_reply_gets_a_question_and_no_call_moves() {
+    let (_server, _dir, daemon, mut alice, pbx) = one_agent().await;
+
+    let mut calls = Vec::new();
+    let mut threads = Vec::new();
+    for n in 1..=2 {
+        let mut sim = Sim::start(daemon.call(&format!("pop,n={n}"))).unwrap();
+        expect_start(&mut sim).await;
+        threads.push(next_pop(&mut alice).await.1);
+        calls.push(sim);
+    }
+    alice.send_chat(&pbx, "1").await;
+    let question = expect_text(&mut alice, |b| b.starts_with("Several calls")).await;
+    for t in &threads {
+        assert!(question.contains(&format!("#{t} Call n=")), "{question}");
+    }
+    for sim in &mut calls {
+        still_waiting(sim, Duration::from_millis(500)).await;
+    }
+    // With the tags the agent was asked for, each call gets its answer.
+    alice.send_chat(&pbx, &format!("#{} 2", threads[1])).await;
+    alice.send_chat(&pbx, &format!("#{}: 1", threads[0])).await;
+    expect_action(&mut calls[1], "sales").await;
+    expect_action(&mut calls[0], "desk").await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn fifty_concurrent_calls_get_their_own_replies() {
+    const AGENTS: usize = 5;
+    const CALLS: u32 = 50;
+    let names: Vec<String> = (0..AGENTS).map(|i| format!("agent{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let server = server_with(&refs);
+    let dir = tempfile::tempdir().unwrap();
+    let profiles: String = names
+        .iter()
+        .enumerate()
+        .map(|(i, a)| pop_profile(&format!("p{i}"), &server.jid(a), 600))
+        .collect();
+    let daemon = Daemon::start(
+        &write_config(dir.path(), &xmpp_config(&server, &profiles)),
+        &[],
+    );
+    daemon.wait_log(&["online as"]).await;
+    let pbx = server.jid("pbx");
+    // What call n is answered with: the action must match, per call.
+    let word = |n: u32| if n.is_multiple_of(3) { "2" } else { "1" };
+
+    let mut agents = Vec::new();
+    for name in &names {
+        agents.push(agent(&server, name).await);
+    }
+    let per_agent = CALLS as usize / AGENTS;
+    let answering: Vec<_> = agents
+        .into_iter()
+        .map(|mut agent| {
+            let pbx = pbx.clone();
+            tokio::spawn(async move {
+                // Several calls wait for each agent at once: tags it is.
+                for _ in 0..per_agent {
+                    let (n, thread) = next_pop(&mut agent).await;
+                    agent
+                        .send_chat(&pbx, &format!("#{thread} {}", word(n)))
+                        .await;
+                }
+                agent
+            })
+        })
+        .collect();
+    let daemon = Arc::new(daemon);
+    let calls: Vec<_> = (0..CALLS)
+        .map(|n| {
+            let daemon = daemon.clone();
+            tokio::spawn(async move {
+                let profile = format!("p{}", n as usize % AGENTS);
+                let mut sim = Sim::start(daemon.call(&format!("{profile},n={n}"))).unwrap();
+                expect_start(&mut sim).await;
+                let want = if word(n) == "2" { "sales" } else { "desk" };
+                expect_action(&mut sim, want).await;
+                (n, sim.var("POPIVR_REPLY"), sim.var("POPIVR_AGENT"))
+            })
+        })
+        .collect();
+    for call in calls {
+        let (n, reply, agent) = call.await.expect("call task");
+        assert_eq!(reply.as_deref(), Some(word(n)), "call {n}");
+        let owner = &names[n as usize % AGENTS];
+        assert_eq!(agent, Some(server.jid(owner)), "call {n}");
+    }
+    for agent in answering {
+        agent.await.expect("agent task").close().await;
+    }
+    assert_eq!(
+        daemon.count_log("call over: done"),
+        CALLS as usize,
+        "{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test]
+async fn calls_ride_out_an_xmpp_server_restart() {
+    let mut server = server_with(&["alice"]);
+    let dir = tempfile::tempdir().unwrap();
+    let profiles = format!(
+        "{}{}",
+        pop_profile("pop", &server.jid("alice"), 600),
+        pop_profile("short", &server.jid("alice"), 2)
+    );
+    let daemon = Daemon::start(
+        &write_config(dir.path(), &xmpp_config(&server, &profiles)),
+        &[],
+    );
+    daemon.wait_log(&["online as"]).await;
+    let mut alice = agent(&server, "alice").await;
+    let pbx = server.jid("pbx");
+
+    // Popped before the outage, answered after it.
+    let mut across = Sim::start(daemon.call("pop,n=1")).unwrap();
+    expect_start(&mut across).await;
+    let (_, thread) = next_pop(&mut alice).await;
+
+    server.stop();
+    daemon.wait_log(&["XMPP link down"]).await;
+    // During the outage: audio at once, the default action at the timeout.
+    let mut during = Sim::start(daemon.call("short,n=2")).unwrap();
+    expect_start(&mut during).await;
+    expect_action(&mut during, "voicemail").await;
+    assert_eq!(during.var("POPIVR_REPLY").as_deref(), Some("timeout"));
+
+    server.restart();
+    let t0 = Instant::now();
+    while daemon.count_log("online as") < 2 {
+        // The backoff may have grown while the server was away.
+        assert!(
+            t0.elapsed() < 3 * WAIT,
+            "not back online:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut alice = TestAgent::login(&server, "alice", AGENT_PW).await;
+    alice.send_chat(&pbx, &format!("#{thread} 2")).await;
+    expect_action(&mut across, "sales").await;
+
+    // Pops work again.
+    let mut after = Sim::start(daemon.call("pop,n=3")).unwrap();
+    expect_start(&mut after).await;
+    let (n, _) = next_pop(&mut alice).await;
+    assert_eq!(n, 3);
+    alice.send_chat(&pbx, "1").await;
+    expect_action(&mut after, "desk").await;
+}
