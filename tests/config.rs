@@ -848,3 +848,111 @@ fn a_broken_popivr_account_does_not_fall_back_to_xmpp_conf() {
     );
     assert_eq!(e.len(), 1, "{e:?}");
 }
+
+#[test]
+fn groups_expand_in_targets_in_order_without_repeats() {
+    let c = load(&format!(
+        "{ACCOUNT}[team]\ntype = group\nmembers = B@example.org, c@example.org\n\
+         [p]\ntype = profile\naccount = pbx\n\
+         targets = a@example.org, @TEAM, c@example.org\n"
+    ));
+    assert_eq!(
+        c.profiles["p"].targets,
+        ["a@example.org", "b@example.org", "c@example.org"]
+    );
+    assert_eq!(c.groups["team"].members.len(), 2);
+}
+
+#[test]
+fn team_mode_and_room_keys_are_checked() {
+    let e = problems(&format!(
+        "{ACCOUNT}[p]\ntype = profile\naccount = pbx\ntargets = @nobody\n\
+         mode = broadcast\npresence = sometimes\nnobody = shrug\npresence_wait = 0\n\
+         [r]\ntype = profile\naccount = pbx\nmode = route\nroom = sales@conference.example.org\n\
+         [n]\ntype = profile\nmode = notify\n\
+         [g]\ntype = group\n\
+         [x@example.org]\ntype = agent\nexten = 20 01\npriority = first\n"
+    ));
+    has(
+        &e,
+        "p.conf:8",
+        "[p] targets: `@nobody`: no `type = group` section [nobody]",
+    );
+    has(
+        &e,
+        "p.conf:9",
+        "[p] mode: expected one of interactive, notify, route, missed",
+    );
+    has(
+        &e,
+        "p.conf:10",
+        "[p] presence: expected one of available, away, busy, any",
+    );
+    has(
+        &e,
+        "p.conf:11",
+        "[p] nobody: expected one of default, pop, missed",
+    );
+    has(
+        &e,
+        "p.conf:12",
+        "[p] presence_wait: must be more than 0 seconds",
+    );
+    has(
+        &e,
+        "p.conf:17",
+        "[r] room: `mode = route` picks one agent by presence",
+    );
+    has(
+        &e,
+        "p.conf:13",
+        "[r]: `targets` is required (`mode = route` picks one of them)",
+    );
+    has(
+        &e,
+        "p.conf:18",
+        "[n]: `targets` is required (this mode only sends messages)",
+    );
+    has(&e, "p.conf:21", "[g]: `members` is required");
+    has(&e, "p.conf:25", "[x@example.org] exten: use 1 to 32 of");
+    has(
+        &e,
+        "p.conf:26",
+        "[x@example.org] priority: expected a whole number",
+    );
+}
+
+#[test]
+fn room_allow_splits_jids_from_nicks_and_defaults_to_the_targets() {
+    let c = load(&format!(
+        "{ACCOUNT}[a]\ntype = profile\naccount = pbx\ntargets = t@example.org\n\
+         room = Sales@Conference.example.org\nnick = Switch Board\n\
+         room_allow = Al@example.org, desk 1\n\
+         [b]\ntype = profile\naccount = pbx\ntargets = t@example.org\n\
+         room = sales@conference.example.org\n"
+    ));
+    let a = c.profiles["a"].room.as_ref().unwrap();
+    assert_eq!(a.jid, "sales@conference.example.org");
+    assert_eq!(a.nick, "Switch Board");
+    assert_eq!(a.allow_jids, ["al@example.org"]);
+    assert_eq!(a.allow_nicks, ["desk 1"]);
+    let b = c.profiles["b"].room.as_ref().unwrap();
+    assert_eq!(b.nick, "popivr");
+    assert_eq!(b.allow_jids, ["t@example.org"]);
+    assert!(b.allow_nicks.is_empty());
+}
+
+#[test]
+fn reply_rules_in_a_mode_that_does_not_wait_are_flagged() {
+    let c = load(&format!(
+        "{ACCOUNT}[p]\ntype = profile\naccount = pbx\ntargets = a@example.org\n\
+         mode = notify\nreply = 1 -> continue desk\n"
+    ));
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("`reply` rules do nothing in this mode")),
+        "{:?}",
+        c.warnings
+    );
+}
