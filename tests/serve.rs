@@ -29,7 +29,12 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_with(config, extra, &[])
+    }
+
+    fn start_with(config: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_popivr"))
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(config)
             .args(["-v", "serve", "--listen", "127.0.0.1:0"])
@@ -379,11 +384,13 @@ fn xmpp_config(server: &Prosody, profiles: &str) -> String {
     )
 }
 
-/// A profile popping `target` with the call's `n` argument in the text.
+/// A profile popping `target` with the call's `n` argument in the text,
+/// whatever the target's presence (the routing tests do not wait for it;
+/// see `late_calls_know_the_agents_presence_at_once`).
 fn pop_profile(name: &str, target: &str, timeout_secs: u32) -> String {
     format!(
         "[{name}]\ntype = profile\naccount = pbx\ntargets = {target}\nhold = moh/a\n\
-         template = Call n=${{n}}\nconfirm = Call n=${{n}}: $outcome$\n\
+         presence = any\ntemplate = Call n=${{n}}\nconfirm = Call n=${{n}}: $outcome$\n\
          reply = 1 -> continue desk\nreply = 2 -> continue sales\n\
          timeout = {timeout_secs}\ndefault = continue voicemail\n\n"
     )
@@ -632,4 +639,97 @@ async fn calls_ride_out_an_xmpp_server_restart() {
     assert_eq!(n, 3);
     alice.send_chat(&pbx, "1").await;
     expect_action(&mut after, "desk").await;
+}
+
+/// The shared session saw the agents' presence long before a call starts:
+/// each new call hears it from the hub at once (a per-call session would
+/// have asked for it at its own login). A call that missed it would wait
+/// its presence window and then find nobody available.
+#[tokio::test]
+async fn late_calls_know_the_agents_presence_at_once() {
+    let server = server_with(&["alice"]);
+    let dir = tempfile::tempdir().unwrap();
+    let profile = format!(
+        "[avail]\ntype = profile\naccount = pbx\ntargets = {}\nhold = moh/a\n\
+         presence = available\nnobody = default\npresence_wait = 1\n\
+         template = Call n=${{n}}\nreply = 1 -> continue desk\n\
+         timeout = 600\ndefault = continue voicemail\n",
+        server.jid("alice")
+    );
+    let conf = xmpp_config(&server, &profile);
+    let daemon = Daemon::start(&write_config(dir.path(), &conf), &[]);
+    daemon.wait_log(&["online as"]).await;
+    let mut alice = agent(&server, "alice").await;
+    let pbx = server.jid("pbx");
+
+    // Her acceptance and presence reach the daemon a moment after she
+    // sends them: until then calls find nobody and take the default.
+    let t0 = Instant::now();
+    let mut n = 0;
+    loop {
+        n += 1;
+        let mut sim = Sim::start(daemon.call(&format!("avail,n={n}"))).unwrap();
+        expect_start(&mut sim).await;
+        // Either alice gets the pop or the call takes its default action.
+        let popped = tokio::select! {
+            pop = next_pop(&mut alice) => Ok(pop),
+            line = next_real(&mut sim) => Err(line),
+        };
+        match popped {
+            Ok((got, thread)) => {
+                assert_eq!(got, n);
+                alice.send_chat(&pbx, &format!("#{thread} 1")).await;
+                expect_action(&mut sim, "desk").await;
+                break;
+            }
+            Err(line) => {
+                assert!(line.starts_with("V,POPIVR_ACTION=voicemail,"), "{line}");
+                assert!(
+                    t0.elapsed() < WAIT,
+                    "alice never available\n{}",
+                    daemon.log()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // From now on every call pops at once, with nothing new from XMPP.
+    for _ in 0..3 {
+        n += 1;
+        let mut sim = Sim::start(daemon.call(&format!("avail,n={n}"))).unwrap();
+        expect_start(&mut sim).await;
+        let (got, thread) = next_pop(&mut alice).await;
+        assert_eq!(got, n);
+        alice.send_chat(&pbx, &format!("#{thread} 1")).await;
+        expect_action(&mut sim, "desk").await;
+    }
+}
+
+/// `Type=notify`: systemd hears when the daemon is ready, reloading and
+/// stopping, on the datagram socket it names in `NOTIFY_SOCKET`.
+#[tokio::test]
+async fn systemd_hears_ready_reloading_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut daemon = Daemon::start_with(
+        &write_config(dir.path(), KEYS),
+        &[],
+        &[("NOTIFY_SOCKET", &socket_path)],
+    );
+    let next_state = || async {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+            .await
+            .expect("a notification")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next_state().await, "READY=1");
+    daemon.signal(libc::SIGHUP);
+    assert_eq!(next_state().await, "RELOADING=1");
+    assert_eq!(next_state().await, "READY=1");
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(next_state().await, "STOPPING=1");
+    assert!(daemon.wait_exit(WAIT).await.success());
 }

@@ -401,6 +401,7 @@ impl Daemon {
         // Each command is one small write Asterisk acts on at once.
         let _ = stream.set_nodelay(true);
         let (rd, mut wr) = stream.into_split();
+        let rd = QuickAck(rd);
         let mut events = LineReader::new(BufReader::with_capacity(READ_BUFFER, rd));
         let asked = Instant::now();
         if write_command(&mut wr, &Command::GetParams).await.is_err() {
@@ -456,7 +457,7 @@ impl Daemon {
 /// Events up to the answer to `P`: its data, and the events before it.
 /// `None` if the call ended first.
 async fn read_params(
-    events: &mut LineReader<BufReader<OwnedReadHalf>>,
+    events: &mut LineReader<BufReader<QuickAck>>,
     log: &Logger,
 ) -> Option<(Vec<String>, Vec<EventLine>)> {
     let mut early = Vec::new();
@@ -485,14 +486,10 @@ async fn write_command(out: &mut OwnedWriteHalf, cmd: &Command) -> std::io::Resu
 /// Send Asterisk on with the dialplan (`E`) and close once it has read it.
 async fn leave(stream: TcpStream, why: &str) {
     let (rd, wr) = stream.into_split();
-    leave_halves(wr, LineReader::new(BufReader::new(rd)), why).await;
+    leave_halves(wr, LineReader::new(BufReader::new(QuickAck(rd))), why).await;
 }
 
-async fn leave_halves(
-    mut wr: OwnedWriteHalf,
-    events: LineReader<BufReader<OwnedReadHalf>>,
-    why: &str,
-) {
+async fn leave_halves(mut wr: OwnedWriteHalf, events: LineReader<BufReader<QuickAck>>, why: &str) {
     if write_command(&mut wr, &Command::Exit(why.to_string()))
         .await
         .is_err()
@@ -507,6 +504,33 @@ async fn leave_halves(
         while let Ok(1..) = rd.read(&mut sink).await {}
     })
     .await;
+}
+
+/// The read side of a call's socket, ACKing what it reads at once.
+///
+/// Asterisk writes each event as its own small write and (as far as its
+/// TCP client code shows) leaves Nagle on: the answers to several `G`s
+/// come back to back, and all but the first wait for our ACK of the
+/// previous one. Linux delays that ACK up to 40 ms when it has no data to
+/// carry it on, and the pop waits for the last answer; measured, every pop
+/// took 40 ms longer. `TCP_QUICKACK` after each read sends the ACK now
+/// (Linux clears the flag by itself, hence after each read).
+struct QuickAck(OwnedReadHalf);
+
+impl tokio::io::AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
+        if matches!(result, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            // Best effort: failing to tune a socket is not an error.
+            let _ = self.0.as_ref().set_quickack(true);
+        }
+        result
+    }
 }
 
 /// `sd_notify`: tell systemd how we are (`Type=notify`). Without
