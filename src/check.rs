@@ -269,7 +269,7 @@ fn profile_risks(config: &Config, name: &str, p: &Profile, out: &mut Vec<String>
             secs(p.timeout)
         ));
     }
-    if p.targets.is_empty() {
+    if !needs_xmpp(p) {
         return;
     }
     if p.timeout < SHORT_HOLD {
@@ -294,6 +294,16 @@ fn profile_risks(config: &Config, name: &str, p: &Profile, out: &mut Vec<String>
                 "profile [{name}]: targets include popivr's own account {own}"
             ));
         }
+    }
+    if let Some(room) = &p.room
+        && !room.allow_nicks.is_empty()
+    {
+        out.push(format!(
+            "profile [{name}]: room_allow names nicks ({}): in a room that hides real JIDs \
+             whoever joins with such a nick may answer; prefer JIDs and a room that shows \
+             real JIDs to popivr",
+            room.allow_nicks.join(", ")
+        ));
     }
     let forwards_from_reply = p
         .replies
@@ -385,6 +395,21 @@ reply = 1 -> continue desk
         let r = risks_of("timeout = 5", "timeout = 4\n");
         assert!(r.iter().any(|r| r.contains("little time")), "{r:?}");
         assert!(r.iter().any(|r| r.contains("before any pop")), "{r:?}");
+    }
+
+    #[test]
+    fn answers_by_nick_are_a_risk() {
+        let r = risks_of(
+            "",
+            "room = desk@conference.example.org\nroom_allow = alice@example.org, frontdesk\n",
+        );
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].contains("nicks (frontdesk)"), "{r:?}");
+        let r = risks_of(
+            "",
+            "room = desk@conference.example.org\nroom_allow = alice@example.org\n",
+        );
+        assert_eq!(r, Vec::<String>::new());
     }
 
     #[test]
