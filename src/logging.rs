@@ -42,11 +42,10 @@ impl Logger {
             Level::Info => "INFO",
             Level::Debug => "DEBUG",
         };
-        // A newline in the text would forge a second log line.
-        let text: String = text
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
+        // A newline in the text would forge a second log line, and bidi or
+        // invisible characters (from caller data) would reorder or hide
+        // text in Asterisk's log: the wire's own cleaning removes both.
+        let text = crate::eivr::clean_text(text);
         let _ = writeln!(std::io::stderr().lock(), "{}: {name}: {text}", self.prefix);
     }
 

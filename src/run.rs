@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
-use crate::call::{Call, Input, OutgoingMessage, Output, TimerId};
+use crate::call::{Call, IncomingMessage, Input, OutgoingMessage, Output, TimerId};
 use crate::config::{Account, Agent, Config, Profile};
 use crate::eivr::{self, EventLine, LineReader};
 use crate::logging::Logger;
@@ -51,7 +51,7 @@ pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
         args,
     } = setup;
     let options = xmpp::SessionOptions::for_profile(&profile);
-    let call = Call::new(profile, id, args).with_agents(agents);
+    let call = Call::new(profile, id.clone(), args).with_agents(agents);
     let (stop, control) = watch::channel(Control::Run);
     // Spawned tasks run once the driver first waits, so the hold audio is
     // written before the signal handlers are even installed.
@@ -61,6 +61,8 @@ pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
         account,
         options,
         session: None,
+        call: id,
+        log: log.clone(),
     };
     let end = drive(call, Vec::new(), events, Stdout, link, control, &log).await;
     log.debug(&format!("call over: {end}"));
@@ -371,6 +373,9 @@ struct OwnSession {
     account: Option<Account>,
     options: xmpp::SessionOptions,
     session: Option<xmpp::Session>,
+    /// The call's id, the thread of its pops.
+    call: String,
+    log: Logger,
 }
 
 impl Link for OwnSession {
@@ -397,11 +402,16 @@ impl Link for OwnSession {
                 return std::future::pending().await;
             };
             match session.recv().await {
-                Some(event) => {
-                    if let Some(input) = event.into_input() {
-                        return input;
+                Some(event) => match event.into_input() {
+                    Some(Input::Message(m)) if answers_another_call(&m, &self.call) => {
+                        self.log.debug(&format!(
+                            "message from {} ignored: it answers another call's pop",
+                            m.from_full
+                        ));
                     }
-                }
+                    Some(input) => return input,
+                    None => {}
+                },
                 // The session task is gone: stop polling it.
                 None => self.session = None,
             }
@@ -454,6 +464,20 @@ fn spawn_signal_watch(control: watch::Sender<Control>) {
         };
         let _ = control.send(Control::Stop(why));
     });
+}
+
+/// Whether `msg` is in the thread of another call's pop: every call logs in
+/// with the same account, and the server hands an answer to the old pop's
+/// full JID, or to the bare JID, to this call's session too. Only a thread
+/// that popivr made ([`call_id`]'s shape) counts; a client that makes up
+/// threads of its own, or sends none, is heard.
+fn answers_another_call(msg: &IncomingMessage, call: &str) -> bool {
+    msg.thread.as_deref().is_some_and(|t| {
+        t != call
+            && (6..=16).contains(&t.len())
+            && t.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// A short, unique-enough id: names the call in logs and threads its pop.

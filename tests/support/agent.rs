@@ -50,7 +50,14 @@ impl TestAgent {
     /// Log in as `user` and announce presence (so messages to the bare JID
     /// reach us). Panics if not online within [`WAIT`].
     pub async fn login(server: &Prosody, user: &str, password: &str) -> TestAgent {
-        let jid = BareJid::new(&server.jid(user)).expect("agent JID");
+        Self::login_as(server, &server.jid(user), password).await
+    }
+
+    /// Like [`login`](Self::login) for any JID of the server: a user of
+    /// another of its hosts, or a full JID to bind that resource.
+    pub async fn login_as(server: &Prosody, jid: &str, password: &str) -> TestAgent {
+        let user = jid;
+        let jid = Jid::new(jid).expect("agent JID");
         let connector = TestConnector {
             addr: server.addr(),
             tls: tls_config(&server.ca_pem()),

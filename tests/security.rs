@@ -1,0 +1,708 @@
+//! The security and reliability suite: what a caller, an IM user, the
+//! XMPP side or a fault can do to a call, run against the real binary, the
+//! Asterisk simulator and a throw-away prosody. SECURITY.md maps every
+//! threat to its tests; the replay scripts `protocol-tests/sec-*.eivr` hold
+//! the cases that fit the shared test server.
+//!
+//! The scripts here need what the shared server cannot give: a server of
+//! their own that is killed and restarted, two calls of one account, one
+//! after the other or at the same time, and replies into a given thread or
+//! to a given full JID. Their steps (besides the simulator's own):
+//!
+//! | step | meaning |
+//! |---|---|
+//! | `im NAME receives [LABEL]: GLOB` | the next IM to NAME from popivr whose body matches (others wait); LABEL keeps its sender (popivr's full JID) and thread |
+//! | `im NAME says [LABEL]: TEXT` | a chat message to popivr's bare JID, in LABEL's thread if given |
+//! | `im NAME replies LABEL: TEXT` | a chat message to LABEL's full JID, in its thread (what a client does when the agent answers that pop) |
+//! | `im NAME receives-nothing: DURATION` | no IM reaches NAME for that long |
+//! | `server: kill` / `server: restart` | SIGKILL the test server / start it again on its port |
+//! | `signal: NAME` / `await: NAME` | between two scripts running at once: raise a flag / wait until it is raised |
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use popivr::sim::glob::{Glob, escape, unescape};
+use popivr::sim::replay::{Extension, Failure, Outcome, Runner, Setup};
+use popivr::sim::script::{ExtStep, Script, parse_duration};
+use popivr::sim::{Dir, Sim};
+use support::{Prosody, TestAgent, TestMessage, WAIT, body};
+use xmpp_parsers::message::Message;
+
+const PBX_PW: &str = "pbx-Secret-5d0c41";
+const ALICE_PW: &str = "alice-Secret-77e9";
+
+const BIN: &str = env!("CARGO_BIN_EXE_popivr");
+
+// ---------------------------------------------------------------------
+// The harness: test agents and the server, as replay extensions.
+// ---------------------------------------------------------------------
+
+/// A pop an agent got: who sent it (popivr's full JID) and its thread.
+#[derive(Debug, Clone)]
+struct Pop {
+    from: String,
+    thread: Option<String>,
+}
+
+/// What the scripts of one test share: the agents, the pops they kept,
+/// the flags raised.
+struct Desk {
+    popivr_bare: String,
+    agents: tokio::sync::Mutex<BTreeMap<String, TestAgent>>,
+    pops: Mutex<BTreeMap<String, Pop>>,
+    flags: Mutex<BTreeSet<String>>,
+}
+
+impl Desk {
+    fn new(popivr_bare: String, agents: Vec<(&str, TestAgent)>) -> Arc<Desk> {
+        Arc::new(Desk {
+            popivr_bare,
+            agents: tokio::sync::Mutex::new(
+                agents
+                    .into_iter()
+                    .map(|(n, a)| (n.to_string(), a))
+                    .collect(),
+            ),
+            pops: Mutex::new(BTreeMap::new()),
+            flags: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    fn pop(&self, label: &str) -> Result<Pop, String> {
+        self.pops
+            .lock()
+            .unwrap()
+            .get(label)
+            .cloned()
+            .ok_or_else(|| format!("no pop was received as `{label}`"))
+    }
+
+    async fn close(&self) {
+        let agents = std::mem::take(&mut *self.agents.lock().await);
+        for agent in agents.into_values() {
+            agent.close().await;
+        }
+    }
+}
+
+/// The `im`, `signal` and `await` steps of one script.
+struct Steps {
+    keyword: &'static str,
+    desk: Arc<Desk>,
+}
+
+fn sender(m: &Message) -> String {
+    m.from.as_ref().map(|j| j.to_string()).unwrap_or_default()
+}
+
+fn bare(m: &Message) -> String {
+    m.from
+        .as_ref()
+        .map(|j| j.to_bare().to_string())
+        .unwrap_or_default()
+}
+
+impl Steps {
+    fn all(desk: &Arc<Desk>) -> Vec<Box<dyn Extension>> {
+        ["im", "signal", "await"]
+            .into_iter()
+            .map(|keyword| {
+                Box::new(Steps {
+                    keyword,
+                    desk: desk.clone(),
+                }) as Box<dyn Extension>
+            })
+            .collect()
+    }
+
+    async fn im(&self, step: &ExtStep, sim: &Sim, within: Duration) -> Result<(), String> {
+        let (name, verb, label) = match step.words.as_slice() {
+            [n, v] => (n.as_str(), v.as_str(), None),
+            [n, v, l] => (n.as_str(), v.as_str(), Some(l.as_str())),
+            _ => return Err("want `im NAME VERB [LABEL]: ARGUMENT`".into()),
+        };
+        let desk = &self.desk;
+        let mut agents = desk.agents.lock().await;
+        let agent = agents
+            .get_mut(name)
+            .ok_or_else(|| format!("no agent {name}"))?;
+        match verb {
+            "receives" => {
+                let glob = Glob::new(&step.arg)?;
+                let popivr = desk.popivr_bare.clone();
+                let m = agent
+                    .next_message_within(within, |m| {
+                        bare(m) == popivr && body(m).is_some_and(|b| glob.matches(b))
+                    })
+                    .await
+                    .ok_or_else(|| {
+                        format!("{name} got no IM from popivr matching `{glob}` within {within:?}")
+                    })?;
+                sim.note(format!(
+                    "{name} got from {}: {} (thread {:?})",
+                    sender(&m),
+                    escape(body(&m).unwrap_or_default()),
+                    m.thread.as_ref().map(|t| &t.id)
+                ));
+                if let Some(label) = label {
+                    let pop = Pop {
+                        from: sender(&m),
+                        thread: m.thread.as_ref().map(|t| t.id.clone()),
+                    };
+                    desk.pops.lock().unwrap().insert(label.to_string(), pop);
+                }
+                Ok(())
+            }
+            "receives-nothing" => {
+                let span = parse_duration(&step.arg)?;
+                match agent.next_message_within(span, |m| body(m).is_some()).await {
+                    None => Ok(()),
+                    Some(m) => Err(format!(
+                        "{name} got an IM from {}: `{}`",
+                        sender(&m),
+                        escape(body(&m).unwrap_or_default())
+                    )),
+                }
+            }
+            "says" | "replies" => {
+                let text = unescape(&step.arg)?;
+                let pop = label.map(|l| desk.pop(l)).transpose()?;
+                let to = match (verb, &pop) {
+                    ("replies", Some(pop)) => pop.from.clone(),
+                    ("replies", None) => return Err("`replies` needs a LABEL".into()),
+                    _ => desk.popivr_bare.clone(),
+                };
+                let mut msg = TestMessage::chat(&to, &text);
+                if let Some(thread) = pop.and_then(|p| p.thread) {
+                    msg = msg.thread(&thread);
+                }
+                agent.send(msg).await;
+                // The server has routed it once our own message to
+                // ourselves is back (one stream, in order).
+                let own = agent.jid().to_string();
+                let mark = format!("routed-{}", sim.elapsed().as_nanos());
+                agent.send_chat(&own, &mark).await;
+                agent
+                    .next_message_within(within, |m| body(m) == Some(mark.as_str()))
+                    .await
+                    .ok_or("the server did not route our own message back")?;
+                sim.note(format!("{name} said to {to}: {}", escape(&text)));
+                Ok(())
+            }
+            other => Err(format!("unknown im step `{other}`")),
+        }
+    }
+
+    async fn flag(&self, step: &ExtStep, within: Duration) -> Result<(), String> {
+        let flag = step.arg.trim().to_string();
+        if self.keyword == "signal" {
+            self.desk.flags.lock().unwrap().insert(flag);
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.desk.flags.lock().unwrap().contains(&flag) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("`{flag}` was not raised within {within:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Extension for Steps {
+    fn keyword(&self) -> &str {
+        self.keyword
+    }
+
+    fn prepare<'a>(&'a mut self, setup: &'a mut Setup) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            setup
+                .placeholders
+                .insert("POPIVR_SECRET".into(), PBX_PW.into());
+            Ok(())
+        })
+    }
+
+    fn run<'a>(
+        &'a mut self,
+        step: &'a ExtStep,
+        sim: &'a mut Sim,
+        within: Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            match self.keyword {
+                "im" => self.im(step, sim, within).await,
+                _ => self.flag(step, within).await,
+            }
+        })
+    }
+}
+
+/// `server: kill` and `server: restart`.
+struct ServerSteps(Arc<Mutex<Prosody>>);
+
+impl Extension for ServerSteps {
+    fn keyword(&self) -> &str {
+        "server"
+    }
+
+    fn run<'a>(
+        &'a mut self,
+        step: &'a ExtStep,
+        sim: &'a mut Sim,
+        _within: Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut server = self.0.lock().unwrap();
+            match step.arg.as_str() {
+                "kill" => server.kill(),
+                "restart" => server.restart(),
+                other => return Err(format!("unknown server step `{other}`")),
+            }
+            sim.note(format!("server {}", step.arg));
+            Ok(())
+        })
+    }
+}
+
+/// popivr's account on `server`, the secret left to the runner.
+fn account_section(server: &Prosody) -> String {
+    format!(
+        "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {}\nusername = {}\n\
+         secret = {{{{POPIVR_SECRET}}}}\nca_file = {}\n\n",
+        server.port(),
+        server.jid("pbx"),
+        server.ca_pem().display()
+    )
+}
+
+/// A script: the config block (dedented by the parser) and the steps.
+fn script(name: &str, config: &str, steps: impl AsRef<str>) -> Script {
+    let config: String = config.lines().map(|l| format!("  {l}\n")).collect();
+    let text = format!("config:\n{config}end\n{}", steps.as_ref());
+    Script::parse(name, &text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn run(script: Script, extensions: Vec<Box<dyn Extension>>) -> Result<Outcome, Failure> {
+    let mut runner = Runner::new(BIN);
+    for ext in extensions {
+        runner = runner.with_extension(ext);
+    }
+    runner.run(&script).await
+}
+
+/// The start every call script here shares: the call, its caller, hold
+/// audio, and the bound for what comes first (the pop, after a login).
+fn prelude(flags: &str, caller: &str, within_secs: u32) -> String {
+    format!(
+        "call: popivr({flags}sales)\nvar: CALLERID(num) = {caller}\nsound: moh/a 1s\n\
+         ignore: G,*\nignore: A,moh/a\nexpect: S,moh/a\nexpect-within: {within_secs}s\n"
+    )
+}
+
+fn passed(result: Result<Outcome, Failure>) -> Outcome {
+    result.unwrap_or_else(|failure| panic!("{failure}"))
+}
+
+/// When the first command matching `glob` came, since the child started.
+fn command_time(outcome: &Outcome, glob: &str) -> Duration {
+    let glob = Glob::new(glob).unwrap();
+    outcome
+        .transcript
+        .entries
+        .iter()
+        .find(|e| e.dir == Dir::Command && glob.matches(&e.text))
+        .map(|e| e.at)
+        .unwrap_or_else(|| panic!("no command `{glob}`:\n{}", outcome.transcript))
+}
+
+fn stderr_lines<'a>(outcome: &'a Outcome, glob: &str) -> Vec<&'a str> {
+    let glob = Glob::new(glob).unwrap();
+    outcome
+        .transcript
+        .lines(Dir::Stderr)
+        .filter(|l| glob.matches(l))
+        .collect()
+}
+
+// ---------------------------------------------------------------------
+// Who steers: replies meant for another call.
+// ---------------------------------------------------------------------
+
+const SALES: &str = "[sales]\ntype = profile\naccount = pbx\ntargets = ALICE\nhold = moh/a\n\
+    template = TAG call from $caller$. Reply 1 desk, 2 voicemail\n\
+    confirm = TAG: $outcome$\nreply = 1 -> continue desk\nreply = 2 -> continue voicemail\n";
+
+fn sales(server: &Prosody, tag: &str, timeout: &str) -> String {
+    let profile = SALES
+        .replace("ALICE", &server.jid("alice"))
+        .replace("TAG", tag);
+    format!(
+        "{}{profile}timeout = {timeout}\ndefault = continue timeout\n",
+        account_section(server)
+    )
+}
+
+/// A script of profile `sales` on `server`: (script name, pop tag,
+/// timeout in seconds), (caller number, bound for the pop), then the steps
+/// after the hold audio has started.
+fn sales_call(
+    server: &Prosody,
+    (name, tag, timeout): (&str, &str, u32),
+    (caller, within_secs): (&str, u32),
+    steps: &str,
+) -> Script {
+    let config = sales(server, tag, &timeout.to_string());
+    script(name, &config, prelude("", caller, within_secs) + steps)
+}
+
+fn desk_server() -> Prosody {
+    Prosody::builder()
+        .user("pbx", PBX_PW)
+        .user("alice", ALICE_PW)
+        .start()
+}
+
+/// alice, logged in and subscribed to.
+async fn desk_with_alice(server: &Prosody) -> Arc<Desk> {
+    let mut alice = TestAgent::login(server, "alice", ALICE_PW).await;
+    subscribe(server, &mut alice).await;
+    Desk::new(server.jid("pbx"), vec![("alice", alice)])
+}
+
+/// popivr's account subscribed to `agent`'s presence, as `popivr check`
+/// does it (it asks, the agent accepts): pops only go to agents it sees.
+async fn subscribe(server: &Prosody, agent: &mut TestAgent) {
+    let account = server.account("pbx", PBX_PW);
+    let contacts = [agent.bare()];
+    let popivr = server.jid("pbx");
+    let (states, approved) = tokio::join!(
+        popivr::xmpp::survey(&account, &contacts, WAIT),
+        agent.approve_subscription(&popivr, WAIT)
+    );
+    assert!(approved, "no subscription request from popivr");
+    let states = states.expect("popivr's account logs in");
+    assert!(states.iter().all(|s| s.subscribed), "{states:?}");
+}
+
+/// Call 1 ends at its timeout; call 2 pops alice again. Alice then
+/// answers call 1's pop, as her client keeps it: to the full JID that sent
+/// it, in its thread. That JID is gone, so the server hands the message to
+/// the account's session that is online, call 2's. It must not decide
+/// call 2; only her answer to call 2's own pop does.
+#[tokio::test]
+async fn a_reply_to_a_previous_call_does_not_act_on_the_next() {
+    let server = desk_server();
+    let desk = desk_with_alice(&server).await;
+
+    let first = sales_call(
+        &server,
+        ("first-call", "First", 1),
+        ("5551111", 10),
+        "im alice receives one: First call from 5551111*\n\
+         expect: V,POPIVR_ACTION=timeout,*\nexpect: E,*\n\
+         im alice receives: First: *timeout*\nexits-within: 2s\n",
+    );
+    passed(run(first, Steps::all(&desk)).await);
+
+    let second = sales_call(
+        &server,
+        ("second-call", "Second", 60),
+        ("5552222", 10),
+        "im alice receives two: Second call from 5552222*\n\
+         im alice replies one: 1\n\
+         im alice says one: 1\n\
+         no-command: 500ms\n\
+         var-unset: POPIVR_ACTION\n\
+         im alice replies two: 2\n\
+         expect: V,POPIVR_ACTION=voicemail,POPIVR_REPLY=2,*\nexpect: E,*\n\
+         im alice receives: Second: *voicemail*\nexits-within: 2s\n\
+         im alice receives-nothing: 300ms\n",
+    );
+    let outcome = passed(run(second, Steps::all(&desk)).await);
+    // The threads differ, so the test did what it says.
+    let (one, two) = (desk.pop("one").unwrap(), desk.pop("two").unwrap());
+    assert!(one.thread.is_some() && one.thread != two.thread);
+    assert_ne!(one.from, two.from, "{}", outcome.transcript);
+    desk.close().await;
+}
+
+/// Two calls pop alice at the same time. Her answer to call A, sent to the
+/// account's bare JID in A's thread, reaches both calls' sessions; it
+/// decides call A only. Call B is decided by her answer in B's thread.
+#[tokio::test]
+async fn concurrent_calls_do_not_race_for_one_reply() {
+    let server = desk_server();
+    let desk = desk_with_alice(&server).await;
+    let a = sales_call(
+        &server,
+        ("call-a", "A", 60),
+        ("5550001", 15),
+        "im alice receives a: A call from 5550001*\n\
+         signal: a-popped\nawait: b-popped\n\
+         im alice says a: 1\n\
+         expect: V,POPIVR_ACTION=desk,POPIVR_REPLY=1,*\nexpect: E,*\n\
+         im alice receives: A: sent to desk\n\
+         signal: a-decided\nexits-within: 2s\n",
+    );
+    let b = sales_call(
+        &server,
+        ("call-b", "B", 60),
+        ("5550002", 15),
+        "im alice receives b: B call from 5550002*\n\
+         signal: b-popped\nawait: a-decided\n\
+         no-command: 500ms\nvar-unset: POPIVR_ACTION\n\
+         im alice says b: 2\n\
+         expect: V,POPIVR_ACTION=voicemail,POPIVR_REPLY=2,*\nexpect: E,*\n\
+         im alice receives: B: *voicemail*\nexits-within: 2s\n",
+    );
+    let (ra, rb) = tokio::join!(run(a, Steps::all(&desk)), run(b, Steps::all(&desk)));
+    passed(ra);
+    passed(rb);
+    desk.close().await;
+}
+
+/// Only the exact targets steer, whatever looks like them: the same name
+/// on a look-alike domain (`popivr.testing` for `popivr.test`, which a
+/// prefix match takes), a name with a Cyrillic `а` (a different account to
+/// the server), and an unrelated account whose resource is the target's
+/// JID. None of them is told anything. A target written in another case is
+/// the same account (JIDs are case-insensitive) and does steer.
+#[tokio::test]
+async fn look_alike_senders_never_steer() {
+    const OTHER: &str = "popivr.testing";
+    const HOMOGLYPH: &str = "\u{430}lice";
+    let server = Prosody::builder()
+        .host(OTHER)
+        .user("pbx", PBX_PW)
+        .user("alice", ALICE_PW)
+        .user_on(OTHER, "alice", ALICE_PW)
+        .user(HOMOGLYPH, ALICE_PW)
+        .user("mallory", ALICE_PW)
+        .start();
+    let alice = server.jid("alice");
+    let mallory_as_alice = format!("{}/{alice}", server.jid("mallory"));
+    let mut alice_agent = TestAgent::login(&server, "alice", ALICE_PW).await;
+    subscribe(&server, &mut alice_agent).await;
+    let mut agents = vec![("alice", alice_agent)];
+    for (name, jid) in [
+        ("lookalike", server.jid_on(OTHER, "alice")),
+        ("homoglyph", server.jid(HOMOGLYPH)),
+        ("mallory", mallory_as_alice.clone()),
+    ] {
+        let agent = TestAgent::login_as(&server, &jid, ALICE_PW).await;
+        assert!(agent.jid().to_string().starts_with(&jid), "{jid}");
+        agents.push((name, agent));
+    }
+    let desk = Desk::new(server.jid("pbx"), agents);
+    let config = sales(&server, "Pop", "60").replace(&alice, &alice.to_uppercase());
+    let steps = prelude("", "5551234", 10)
+        + "im alice receives: Pop call from 5551234*\n\
+           im lookalike says: 1\nim homoglyph says: 1\nim mallory says: 1\n\
+           no-command: 500ms\nvar-unset: POPIVR_ACTION\n\
+           im alice says: 2\n\
+           expect: V,POPIVR_ACTION=voicemail,POPIVR_REPLY=2,POPIVR_AGENT=ALICE,POPIVR_TARGET=\n\
+           expect: E,*\nim alice receives: Pop: *voicemail*\nexits-within: 2s\n\
+           im lookalike receives-nothing: 300ms\nim homoglyph receives-nothing: 300ms\n\
+           im mallory receives-nothing: 300ms\n";
+    let steps = steps.replace("ALICE", &alice);
+    passed(run(script("look-alikes", &config, steps), Steps::all(&desk)).await);
+    desk.close().await;
+}
+
+// ---------------------------------------------------------------------
+// Faults: the server dies while the caller waits.
+// ---------------------------------------------------------------------
+
+/// The server is killed after the pop and started again while the caller
+/// waits: the hold audio goes on throughout, one log line names the lost
+/// link, and the default action comes at the profile's timeout (not before
+/// it, and not held up by any reconnect).
+#[tokio::test]
+async fn a_server_killed_mid_wait_leaves_the_call_to_its_timeout() {
+    let server = desk_server();
+    let desk = desk_with_alice(&server).await;
+    let config = sales(&server, "Pop", "12");
+    let server = Arc::new(Mutex::new(server));
+    let mut extensions = Steps::all(&desk);
+    extensions.push(Box::new(ServerSteps(server.clone())));
+    let steps = prelude("", "5551234", 10)
+        + "im alice receives: Pop call from 5551234*\n\
+         server: kill\n\
+         stderr-has: *XMPP unavailable: connection lost*\n\
+         expect: A,moh/a\n\
+         server: restart\n\
+         expect: A,moh/a\n\
+         expect-within: 15s\n\
+         expect: V,POPIVR_ACTION=timeout,POPIVR_REPLY=timeout,*\nexpect: E,*\n\
+         exits-within: 2s\n";
+    let outcome = passed(run(script("killed-server", &config, steps), extensions).await);
+    let decided = command_time(&outcome, "V,*");
+    let killed = outcome
+        .transcript
+        .entries
+        .iter()
+        .find(|e| e.dir == Dir::Note && e.text == "server kill")
+        .map(|e| e.at)
+        .expect("the kill is noted");
+    assert!(
+        killed < Duration::from_secs(12),
+        "the server must die before the timeout for this test to mean anything:\n{}",
+        outcome.transcript
+    );
+    // The transcript's clock starts once `spawn` has returned, which can
+    // be well after popivr started its timer on a loaded machine: a second
+    // of allowance, still far from anything the fault could cause.
+    assert!(
+        decided >= Duration::from_secs(11),
+        "the default action came before the timeout, at {decided:?}:\n{}",
+        outcome.transcript
+    );
+    // "Not later": the script's bound took care of that (15 s at most
+    // after the hold audio came back, with a generous margin for a loaded
+    // machine); popivr itself sets one timer and never reconnects.
+    let lost = stderr_lines(&outcome, "*XMPP unavailable*");
+    assert_eq!(lost.len(), 1, "{lost:#?}");
+    assert!(lost[0].contains("connection lost"), "{}", lost[0]);
+    assert!(lost[0].contains("ERROR"), "{}", lost[0]);
+    // Nothing in between but hold audio: no command for the caller came of
+    // the fault.
+    let between: Vec<&str> = outcome
+        .transcript
+        .entries
+        .iter()
+        .filter(|e| e.dir == Dir::Command && e.at > killed && e.at < decided)
+        .map(|e| e.text.as_str())
+        .filter(|t| *t != "A,moh/a")
+        .collect();
+    assert!(between.is_empty(), "{between:?}");
+    desk.close().await;
+}
+
+// ---------------------------------------------------------------------
+// Secrets: never in what `popivr check` prints or any log line.
+// ---------------------------------------------------------------------
+
+fn write_private(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+/// `popivr -vv check` against a real server, with the wrong and the right
+/// password: the verdict is clear and neither secret is in its output.
+#[tokio::test]
+async fn check_never_prints_a_secret() {
+    let server = desk_server();
+    let mut alice = TestAgent::login(&server, "alice", ALICE_PW).await;
+    subscribe(&server, &mut alice).await;
+    const WRONG: &str = "wrong-But-Still-Secret-3b8e";
+    for (secret, works) in [(WRONG, false), (PBX_PW, true)] {
+        let text = format!(
+            "{}[sales]\ntype = profile\naccount = pbx\ntargets = {}\n",
+            account_section(&server).replace("{{POPIVR_SECRET}}", secret),
+            server.jid("alice")
+        );
+        let conf = write_private(server.scratch_dir(), "popivr.conf", &text, 0o600);
+        let out = Command::new(BIN)
+            .args(["-vv", "--config"])
+            .arg(&conf)
+            .arg("check")
+            .env_clear()
+            .output()
+            .unwrap();
+        let shown = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.success(), works, "{shown}");
+        for s in [WRONG, PBX_PW, ALICE_PW] {
+            assert!(!shown.contains(s), "a secret in check's output:\n{shown}");
+        }
+        if works {
+            assert!(shown.contains("account [pbx]: logged in as"), "{shown}");
+        } else {
+            assert!(
+                shown.contains("account [pbx]: login FAILED") && shown.contains("auth"),
+                "{shown}"
+            );
+        }
+    }
+}
+
+/// A configuration holding a secret that others may read is reported by
+/// `popivr check` (with its file and line), without the secret.
+#[test]
+fn check_warns_when_others_can_read_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "readable-Secret-19aa";
+    let text = format!(
+        "[pbx]\ntype = client\nusername = pbx@example.org\nsecret = {secret}\n\n\
+         [sales]\ntype = profile\naccount = pbx\ntargets = alice@example.org\n"
+    );
+    for (mode, warned) in [(0o600, false), (0o644, true)] {
+        let conf = write_private(dir.path(), "popivr.conf", &text, mode);
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&conf)
+            .args(["check", "--offline"])
+            .env_clear()
+            .output()
+            .unwrap();
+        let shown = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{shown}");
+        assert!(!shown.contains(secret), "{shown}");
+        let warning = format!("warning: {}:4: ", conf.display());
+        assert_eq!(shown.contains(&warning), warned, "mode {mode:o}:\n{shown}");
+        if warned {
+            assert!(shown.contains("others can read"), "{shown}");
+        }
+    }
+}
+
+/// A whole call with debug logging (every command and event in the log):
+/// no line holds the secret, and neither does the transcript.
+#[tokio::test]
+async fn debug_logs_of_a_call_hold_no_secret() {
+    let server = desk_server();
+    let desk = desk_with_alice(&server).await;
+    let steps = prelude("-vv,", "5551234", 10)
+        + "im alice receives: Pop call from 5551234*\n\
+         im alice says: 1\n\
+         expect: V,POPIVR_ACTION=desk,*\nexpect: E,*\n\
+         im alice receives: Pop: sent to desk\nexits-within: 2s\n";
+    let outcome = passed(
+        run(
+            script("debug-call", &sales(&server, "Pop", "60"), steps),
+            Steps::all(&desk),
+        )
+        .await,
+    );
+    let stderr: Vec<&str> = outcome.transcript.lines(Dir::Stderr).collect();
+    assert!(
+        stderr.iter().any(|l| l.contains("DEBUG")),
+        "debug logging is on: {stderr:#?}"
+    );
+    let all = outcome.transcript.to_string();
+    for s in [PBX_PW, ALICE_PW] {
+        assert!(
+            !all.contains(s),
+            "a secret in the call's transcript:\n{all}"
+        );
+    }
+    desk.close().await;
+}
