@@ -776,7 +776,8 @@ mod tests {
     fn invalid_utf8_is_named() {
         let e = parse_ini_str("[a]\n", "x").map(|_| ()); // sanity
         assert!(e.is_ok());
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         let f = dir.join("bad.conf");
         std::fs::write(&f, b"[a]\nk = \xff\n").unwrap();
         let e = parse_ini(&f).unwrap_err();
@@ -804,21 +805,18 @@ mod tests {
         assert!(e[0].to_string().starts_with("big.conf: file is"));
     }
 
-    fn tempdir() -> PathBuf {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "popivr-ini-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A directory removed when the test ends (also when it fails).
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("popivr-ini-")
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
     fn include_relative_to_the_including_file() {
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         std::fs::create_dir_all(dir.join("sub")).unwrap();
         std::fs::write(
             dir.join("main.conf"),
@@ -838,7 +836,8 @@ mod tests {
 
     #[test]
     fn include_errors_name_the_include_line() {
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         std::fs::write(dir.join("loop.conf"), "[a]\n#include loop.conf\n").unwrap();
         let e = parse_ini(&dir.join("loop.conf")).unwrap_err();
         assert!(matches!(e[0].kind, IniErrorKind::IncludeLoop(_)));
@@ -855,7 +854,8 @@ mod tests {
 
     #[test]
     fn include_depth_is_limited() {
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         for i in 0..=MAX_INCLUDE_DEPTH + 1 {
             std::fs::write(
                 dir.join(format!("d{i}.conf")),
@@ -874,7 +874,8 @@ mod tests {
 
     #[test]
     fn oversized_file_is_refused() {
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         let f = dir.join("huge.conf");
         std::fs::write(&f, vec![b';'; MAX_FILE_BYTES as usize + 1]).unwrap();
         let e = parse_ini(&f).unwrap_err();
