@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Coverage-guided fuzzing of the ExternalIVR codec on the stable toolchain.
+# Coverage-guided fuzzing on the stable toolchain: the ExternalIVR codec, the
+# configuration loader and the template renderer.
 #
 #   fuzz/run.sh [TARGET] [libFuzzer flags...]
 #   fuzz/run.sh parse_event -runs=5000000      # a number of executions
 #   fuzz/run.sh render -max_total_time=300     # or a number of seconds
 #
-# TARGET is parse_event (default) or render; with no flags it runs 1,000,000
-# executions. New inputs go to fuzz/corpus/TARGET (not committed); the
-# committed seeds in fuzz/seeds/TARGET are read as a starting point, and
-# fuzz/TARGET.dict, if there, is passed as a dictionary. A crash
-# is written to fuzz/artifacts/TARGET and the script exits non-zero.
+# TARGET is parse_event (default), render (the command writer), config (the
+# configuration parser and loader) or template (the template renderer); with
+# no flags it runs 1,000,000 executions. New inputs go to fuzz/corpus/TARGET
+# (not committed); the committed seeds in fuzz/seeds/TARGET are read as a
+# starting point, and fuzz/TARGET.dict, if there, is passed as a dictionary.
+# A crash is written to fuzz/artifacts/TARGET and the script exits non-zero.
+# SECURITY.md records the runs done so far.
 #
 # cargo-fuzz passes -Z flags to rustc; RUSTC_BOOTSTRAP=1 lets a stable
 # compiler take them, so no nightly toolchain is needed. The sanitizer is off
