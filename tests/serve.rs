@@ -733,3 +733,75 @@ async fn systemd_hears_ready_reloading_and_stopping() {
     assert_eq!(next_state().await, "STOPPING=1");
     assert!(daemon.wait_exit(WAIT).await.success());
 }
+
+/// The Asterisk-only replay scripts (`protocol-tests/*.eivr`), each against
+/// a daemon of its own over `ivr://`: the same commands for the same
+/// events as the per-call process gives them. Steps about the process (its
+/// stderr, its exit) are left out, there being none per call here; instead
+/// the daemon must have ended and cleaned up the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_tests_run_the_same_over_ivr() {
+    use popivr::sim::glob::Glob;
+    use popivr::sim::replay::Runner;
+    use popivr::sim::script::{Script, Step, StepKind};
+
+    let mut files: Vec<PathBuf> = std::fs::read_dir("protocol-tests")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "eivr"))
+        .collect();
+    files.sort();
+    let mut runs = Vec::new();
+    for file in files {
+        let mut script = Script::from_file(&file).unwrap();
+        let config = script.config.take().unwrap_or_default();
+        let xmpp = config.contains("{{")
+            || script
+                .steps
+                .iter()
+                .any(|s| matches!(s.kind, StepKind::Ext(_)));
+        if xmpp {
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start(&write_config(dir.path(), &config), &[]);
+        script.call = script
+            .call
+            .replacen("popivr", &format!("ivr://{}", daemon.addr), 1);
+        script.steps.retain(|s| {
+            !matches!(
+                s.kind,
+                StepKind::StderrHas(_) | StepKind::StderrLacks(_) | StepKind::ExitsWithin(_)
+            )
+        });
+        script.steps.insert(
+            0,
+            Step {
+                line: 0,
+                text: "ignore: P,x".into(),
+                kind: StepKind::Ignore(Glob::new("P,x").unwrap()),
+            },
+        );
+        runs.push(tokio::spawn(async move {
+            let result = Runner::new("popivr").run(&script).await;
+            if result.is_ok() {
+                daemon.wait_log(&["popivr[1]", "call over"]).await;
+            }
+            (script.name, result.map(drop), dir)
+        }));
+    }
+    assert!(
+        runs.len() >= 10,
+        "only {} Asterisk-only scripts",
+        runs.len()
+    );
+    let mut failures = Vec::new();
+    for run in runs {
+        let (name, result, _dir) = run.await.unwrap();
+        match result {
+            Ok(()) => println!("{name}: ok over ivr://"),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

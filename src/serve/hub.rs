@@ -13,7 +13,7 @@
 //! `xmpp::spawn` is one login attempt with no reconnects of its own; this
 //! loop around it is the daemon's reconnect logic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -35,13 +35,21 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const CALL_QUEUE: usize = 64;
 
 enum Cmd {
-    Open(u64, mpsc::Sender<Input>),
+    Open(u64, mpsc::Sender<ToCall>),
     Send(u64, OutgoingMessage),
     Decided(u64, String),
     Close(u64),
     /// New settings (after a reload); a change logs in again.
     Account(Box<Account>, SessionOptions),
     Shutdown,
+}
+
+/// What the hub hands a call.
+enum ToCall {
+    One(Input),
+    /// A new call's catching up (online, roster, presence, rooms): as one
+    /// item, however many contacts there are.
+    Batch(Vec<Input>),
 }
 
 /// A handle on a hub task. Cheap to clone.
@@ -101,6 +109,7 @@ impl Hub {
             n,
             tx: Some(tx),
             rx,
+            batch: VecDeque::new(),
             opened: false,
         }
     }
@@ -128,8 +137,10 @@ pub struct HubLink {
     hub: Hub,
     n: u64,
     /// Handed to the hub on `connect`.
-    tx: Option<mpsc::Sender<Input>>,
-    rx: mpsc::Receiver<Input>,
+    tx: Option<mpsc::Sender<ToCall>>,
+    rx: mpsc::Receiver<ToCall>,
+    /// The rest of a batch.
+    batch: VecDeque<Input>,
     opened: bool,
 }
 
@@ -150,10 +161,16 @@ impl Link for HubLink {
     }
 
     async fn recv(&mut self) -> Input {
-        match self.rx.recv().await {
-            Some(input) => input,
-            // The hub is gone (shutdown): nothing more will come.
-            None => std::future::pending().await,
+        loop {
+            if let Some(input) = self.batch.pop_front() {
+                return input;
+            }
+            match self.rx.recv().await {
+                Some(ToCall::One(input)) => return input,
+                Some(ToCall::Batch(inputs)) => self.batch.extend(inputs),
+                // The hub is gone (shutdown): nothing more will come.
+                None => return std::future::pending().await,
+            }
         }
     }
 
@@ -179,7 +196,7 @@ struct State {
     options: SessionOptions,
     fingerprint: String,
     router: Router,
-    calls: HashMap<u64, mpsc::Sender<Input>>,
+    calls: HashMap<u64, mpsc::Sender<ToCall>>,
     link: LinkState,
     session: Option<xmpp::Session>,
     seen: Seen,
@@ -276,19 +293,13 @@ impl State {
                 match &self.link {
                     LinkState::Connecting => {}
                     LinkState::Up => {
-                        let _ = tx.try_send(Input::Xmpp(XmppStatus::Online));
-                        for input in self.seen.replay() {
-                            if tx.try_send(input).is_err() {
-                                self.log.warn(&format!(
-                                    "popivr[{}]: more presence than the call's queue holds",
-                                    self.router.id(n)
-                                ));
-                                break;
-                            }
-                        }
+                        let mut batch = vec![Input::Xmpp(XmppStatus::Online)];
+                        batch.extend(self.seen.replay());
+                        let _ = tx.try_send(ToCall::Batch(batch));
                     }
                     LinkState::Down(cause) => {
-                        let _ = tx.try_send(Input::Xmpp(XmppStatus::Failed(cause.clone())));
+                        let failed = Input::Xmpp(XmppStatus::Failed(cause.clone()));
+                        let _ = tx.try_send(ToCall::One(failed));
                     }
                 }
                 self.calls.insert(n, tx);
@@ -350,7 +361,7 @@ impl State {
             XmppEvent::Message(msg) => match self.router.route(msg) {
                 Route::Deliver(n, msg) => match self.calls.get(&n) {
                     Some(tx) => {
-                        if tx.try_send(Input::Message(msg)).is_err() {
+                        if tx.try_send(ToCall::One(Input::Message(msg))).is_err() {
                             self.log.warn(&format!(
                                 "popivr[{}]: reply dropped: the call is not keeping up",
                                 self.router.id(n)
@@ -415,7 +426,7 @@ impl State {
             return;
         };
         for (n, tx) in &self.calls {
-            if tx.try_send(input.clone()).is_err() {
+            if tx.try_send(ToCall::One(input.clone())).is_err() {
                 self.log.warn(&format!(
                     "popivr[{}]: XMPP input dropped: the call is not keeping up",
                     self.router.id(*n)

@@ -35,7 +35,7 @@ pub mod router;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -44,8 +44,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, timeout};
 
 use crate::call::{Call, Input, OutgoingMessage};
@@ -108,50 +107,28 @@ pub async fn serve(opts: Options, log: Logger) -> Result<()> {
     daemon.install(&config);
     let daemon = Arc::new(daemon);
 
-    let (conn_tx, mut conns) = mpsc::channel(64);
+    let (control, control_rx) = watch::channel(Control::Run);
+    let calls = Arc::new(Calls {
+        daemon: daemon.clone(),
+        control: control_rx,
+        max: opts.max_calls,
+        live: AtomicUsize::new(0),
+        idle: Notify::new(),
+        next: AtomicU64::new(1),
+    });
     let mut acceptors = Vec::new();
     for listener in listeners {
         let addr = listener.local_addr()?;
         log.info(&format!("listening on {addr}"));
-        acceptors.push(tokio::spawn(accept(listener, conn_tx.clone(), log.clone())));
+        acceptors.push(tokio::spawn(calls.clone().accept(listener)));
     }
-    drop(conn_tx);
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let (control, control_rx) = watch::channel(Control::Run);
-    let mut calls = JoinSet::new();
-    let live = Arc::new(AtomicUsize::new(0));
-    let mut next = 0u64;
     notify("READY=1");
 
     let why = loop {
         tokio::select! {
-            conn = conns.recv() => {
-                let Some((stream, peer)) = conn else { break "no listener left" };
-                if live.load(Ordering::Relaxed) >= opts.max_calls {
-                    log.warn(&format!(
-                        "call from {peer} refused: {} calls running (--max-calls)",
-                        opts.max_calls
-                    ));
-                    tokio::spawn(leave(stream, "popivr: busy"));
-                    continue;
-                }
-                next += 1;
-                let guard = Live::new(&live);
-                let daemon = daemon.clone();
-                let control = control_rx.clone();
-                calls.spawn(async move {
-                    daemon.connection(stream, peer, next, control, guard).await;
-                });
-            }
-            Some(done) = calls.join_next() => {
-                if let Err(e) = done
-                    && e.is_panic()
-                {
-                    log.error(&format!("a call's task panicked: {e}"));
-                }
-            }
             _ = hup.recv() => {
                 notify("RELOADING=1");
                 daemon.reload();
@@ -168,34 +145,29 @@ pub async fn serve(opts: Options, log: Logger) -> Result<()> {
     for acceptor in &acceptors {
         acceptor.abort();
     }
-    drop(conns);
-    let running = live.load(Ordering::Relaxed);
     log.info(&format!(
-        "{why}: not taking calls; {running} running, default action in {:?} at the latest",
+        "{why}: not taking calls; {} running, default action in {:?} at the latest",
+        calls.running(),
         opts.drain_timeout
     ));
     let deadline = Instant::now() + opts.drain_timeout;
     let expired = tokio::select! {
-        _ = all_done(&mut calls) => false,
+        _ = calls.all_done() => false,
         _ = tokio::time::sleep_until(deadline) => true,
         _ = term.recv() => true,
         _ = int.recv() => true,
     };
-    if expired && !calls.is_empty() {
+    if expired && calls.running() > 0 {
         log.info(&format!(
             "{} call(s) still running: default action now",
-            live.load(Ordering::Relaxed)
+            calls.running()
         ));
         let _ = control.send(Control::Expire);
-        if timeout(EXPIRE_GRACE, all_done(&mut calls)).await.is_err() {
+        if timeout(EXPIRE_GRACE, calls.all_done()).await.is_err() {
             log.warn("calls still open after their default action: closing them");
             let _ = control.send(Control::Stop("shutting down"));
-            if timeout(Duration::from_secs(1), all_done(&mut calls))
-                .await
-                .is_err()
-            {
-                calls.abort_all();
-            }
+            // Whatever is left ends with the process.
+            let _ = timeout(Duration::from_secs(1), calls.all_done()).await;
         }
     }
     daemon.shutdown().await;
@@ -203,23 +175,82 @@ pub async fn serve(opts: Options, log: Logger) -> Result<()> {
     Ok(())
 }
 
-async fn all_done(calls: &mut JoinSet<()>) {
-    while calls.join_next().await.is_some() {}
+/// The calls: started by the acceptors, counted for `--max-calls` and
+/// the drain.
+struct Calls {
+    daemon: Arc<Daemon>,
+    control: watch::Receiver<Control>,
+    max: usize,
+    live: AtomicUsize,
+    /// Woken when the last running call ends.
+    idle: Notify,
+    next: AtomicU64,
 }
 
-/// Counts a running call for `--max-calls` while it lives.
-struct Live(Arc<AtomicUsize>);
+impl Calls {
+    /// Take connections on `listener`, each a call on a task of its own,
+    /// spawned right here: the `P,x` goes out without another hop.
+    async fn accept(self: Arc<Self>, listener: TcpListener) {
+        let log = &self.daemon.log;
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of descriptors and the like: wait rather than spin.
+                    log.warn(&format!("accept failed: {e}"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if self.live.fetch_add(1, Ordering::AcqRel) >= self.max {
+                self.ended();
+                log.warn(&format!(
+                    "call from {peer} refused: {} calls running (--max-calls)",
+                    self.max
+                ));
+                tokio::spawn(leave(stream, "popivr: busy"));
+                continue;
+            }
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let live = Live(self.clone());
+            let control = self.control.clone();
+            let daemon = self.daemon.clone();
+            tokio::spawn(async move {
+                daemon.connection(stream, peer, n, control, live).await;
+            });
+        }
+    }
 
-impl Live {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Live(count.clone())
+    fn running(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    fn ended(&self) {
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn all_done(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the check, so the last call cannot slip by.
+            idle.as_mut().enable();
+            if self.running() == 0 {
+                return;
+            }
+            idle.await;
+        }
     }
 }
 
+/// A running call, counted while it lives.
+struct Live(Arc<Calls>);
+
 impl Drop for Live {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.ended();
     }
 }
 
@@ -243,23 +274,6 @@ async fn bind(addrs: &[String]) -> Result<Vec<TcpListener>> {
         out.push(listener);
     }
     Ok(out)
-}
-
-async fn accept(listener: TcpListener, conns: mpsc::Sender<(TcpStream, SocketAddr)>, log: Logger) {
-    loop {
-        match listener.accept().await {
-            Ok(conn) => {
-                if conns.send(conn).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                // Out of descriptors and the like: wait rather than spin.
-                log.warn(&format!("accept failed: {e}"));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
 }
 
 /// What new calls use; replaced as a whole on reload.
