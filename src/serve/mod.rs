@@ -194,7 +194,11 @@ impl Calls {
         let log = &self.daemon.log;
         loop {
             let (stream, peer) = match listener.accept().await {
-                Ok(conn) => conn,
+                // `[::]` shows IPv4 peers v4-mapped; logs say 192.0.2.5.
+                Ok((stream, peer)) => (
+                    stream,
+                    SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+                ),
                 Err(e) => {
                     // Out of descriptors and the like: wait rather than spin.
                     log.warn(&format!("accept failed: {e}"));
