@@ -311,6 +311,7 @@ agent alice says: 1
 agent alice says-delayed: 2
 agent bob receives-nothing: 300ms
 close
+exits-within: 10s            # a Python start-up on a loaded machine
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
