@@ -26,6 +26,7 @@ async fn alice_online(server: &Prosody) -> Session {
     let options = SessionOptions {
         contacts: vec![server.jid("pbx")],
         rooms: Vec::new(),
+        keepalive: None,
     };
     let mut session = xmpp::spawn(server.account("alice", ALICE_PW), options);
     match session.recv().await {

@@ -570,3 +570,35 @@ fn server_less_account() -> Account {
         origin: "test".into(),
     }
 }
+
+#[tokio::test]
+async fn a_keepalive_notices_a_server_that_stopped_answering() {
+    let server = server();
+    let options = xmpp::SessionOptions {
+        keepalive: Some(Duration::from_millis(500)),
+        ..Default::default()
+    };
+    let mut session = xmpp::spawn(server.account("pbx", PBX_PW), options);
+    match timeout(WAIT, session.recv()).await {
+        Ok(Some(XmppEvent::Status(XmppStatus::Online))) => {}
+        other => panic!("expected online, got {other:?}"),
+    }
+    // Answered pings keep the link up: three intervals without a word.
+    if let Ok(ev) = timeout(Duration::from_millis(1600), session.recv()).await {
+        panic!("nothing should happen while the server answers: {ev:?}");
+    }
+    server.freeze();
+    let t = Instant::now();
+    let cause = loop {
+        match timeout(WAIT, session.recv()).await {
+            Ok(Some(XmppEvent::Status(XmppStatus::Failed(cause)))) => break cause,
+            Ok(Some(XmppEvent::Status(XmppStatus::Online))) => panic!("online twice"),
+            Ok(Some(_)) => continue,
+            other => panic!("no failure within {WAIT:?} of the freeze: {other:?}"),
+        }
+    };
+    server.thaw();
+    // Without the keepalive the stream's own check takes 80 s.
+    assert!(t.elapsed() < WAIT, "{:?}", t.elapsed());
+    assert!(cause.contains("no answer to a ping"), "{cause}");
+}

@@ -30,6 +30,7 @@ pub async fn login(account: Account, pbx: &str) -> Result<Session> {
     let options = xmpp::SessionOptions {
         contacts: vec![pbx.to_string()],
         rooms: Vec::new(),
+        keepalive: None,
     };
     let mut session = xmpp::spawn(account, options);
     match timeout(PATIENCE, session.recv()).await {

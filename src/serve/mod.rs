@@ -53,6 +53,10 @@ use crate::eivr::{self, Command, Event, EventLine, LineReader};
 use crate::logging::Logger;
 use crate::run::{self, CallSetup, Control, Link};
 use crate::xmpp::SessionOptions;
+
+/// How often the daemon pings its XMPP server (XEP-0199); a link that
+/// answers nothing for one more interval is taken as dead and reconnected.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 pub use hub::{Hub, HubLink};
 
 /// Asterisk's default port for `ivr://` (`EXTERNALIVR_PORT`).
@@ -329,7 +333,14 @@ impl Daemon {
         // One session per account, with what all its profiles need.
         let mut needs: BTreeMap<&str, SessionOptions> = BTreeMap::new();
         for profile in config.profiles.values().filter(|p| p.uses_xmpp()) {
-            let options = needs.entry(profile.account.as_str()).or_default();
+            let options = needs
+                .entry(profile.account.as_str())
+                .or_insert_with(|| SessionOptions {
+                    // A daemon's link lives for days: notice a dead one in
+                    // seconds, not the stream's 80.
+                    keepalive: Some(KEEPALIVE),
+                    ..SessionOptions::default()
+                });
             let more = SessionOptions::for_profile(profile);
             for contact in more.contacts {
                 if !options.contacts.contains(&contact) {

@@ -74,6 +74,11 @@ pub struct SessionOptions {
     pub contacts: Vec<String>,
     /// Group chat rooms to join: (room bare JID, our nick).
     pub rooms: Vec<(String, String)>,
+    /// Send a XEP-0199 ping this often and take the link as dead when
+    /// nothing at all came back within one more interval. `None`: only the
+    /// stream's own idle check (a ping after 60 s of silence, dead 20 s
+    /// later), enough for a per-call session.
+    pub keepalive: Option<std::time::Duration>,
 }
 
 impl SessionOptions {
@@ -86,6 +91,7 @@ impl SessionOptions {
                 .iter()
                 .map(|r| (r.jid.clone(), r.nick.clone()))
                 .collect(),
+            keepalive: None,
         }
     }
 }

@@ -189,8 +189,45 @@ async fn relay(
     events: &mpsc::Sender<XmppEvent>,
     ctx: &Ctx<'_>,
 ) -> End {
+    // With a keepalive: a ping every interval, and the link is dead when a
+    // whole interval after a ping passed without a single element from
+    // the server (a frozen server or a silently dropped route never
+    // answers; the stream's own check would take 80 s).
+    let keepalive = ctx.options.keepalive;
+    let mut last_heard = tokio::time::Instant::now();
+    let mut pinged_at: Option<tokio::time::Instant> = None;
+    let next_tick = |pinged_at: Option<tokio::time::Instant>| match (keepalive, pinged_at) {
+        (None, _) => None,
+        (Some(k), None) => Some(tokio::time::Instant::now() + k),
+        (Some(k), Some(at)) => Some(at + k),
+    };
+    let mut tick_at = next_tick(None);
     loop {
+        let tick = async {
+            match tick_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            () = tick => {
+                match pinged_at {
+                    Some(at) if last_heard < at => {
+                        return End::Failed(XmppError::Lost(format!(
+                            "no answer to a ping within {:?}",
+                            keepalive.unwrap_or_default()
+                        )));
+                    }
+                    _ => {}
+                }
+                let ping = Iq::from_get(PING_ID, Ping);
+                if let Err(e) = send(stream, &XmppStreamElement::Stanza(ping.into()), Phase::Bind).await {
+                    return lost(e);
+                }
+                let now = tokio::time::Instant::now();
+                pinged_at = Some(now);
+                tick_at = next_tick(Some(now));
+            }
             cmd = cmds.recv() => {
                 let Some(cmd) = cmd else { return End::Close };
                 if let Some(end) = handle_cmd(stream, cmd).await {
@@ -199,6 +236,7 @@ async fn relay(
             }
             // Cancel-safe: a half-read element stays in the stream's state.
             item = stream.next() => {
+                last_heard = tokio::time::Instant::now();
                 let event = match item {
                     Some(Ok(FallibleStreamElement::Ok(el))) => match on_element(stream, el, ctx).await {
                         Ok(event) => event,

@@ -37,6 +37,7 @@ pub async fn survey(
     let options = SessionOptions {
         contacts: contacts.to_vec(),
         rooms: Vec::new(),
+        keepalive: None,
     };
     let mut session = spawn(account.clone(), options);
     let mut roster: Option<BTreeMap<String, RosterItem>> = None;
