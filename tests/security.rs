@@ -706,3 +706,333 @@ async fn debug_logs_of_a_call_hold_no_secret() {
     }
     desk.close().await;
 }
+
+// ---------------------------------------------------------------------
+// serve mode: hostile and failing connections at scale.
+// ---------------------------------------------------------------------
+
+/// `popivr serve` on a free port of 127.0.0.1, killed on drop.
+struct Daemon {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(config: &Path, extra: &[&str]) -> Daemon {
+        use std::io::BufRead;
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .args(["-v", "serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start popivr serve");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().parse().expect("an address"));
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx.recv_timeout(WAIT).expect("popivr serve listens");
+        Daemon { child, addr, log }
+    }
+
+    fn lines_with(&self, part: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(part)).cloned().collect()
+    }
+
+    /// Open descriptors of the daemon.
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .expect("the daemon runs")
+            .count()
+    }
+
+    /// Resident memory of the daemon, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Wait until the daemon holds `fds` descriptors again; fails with the
+    /// count it stays at.
+    async fn settle_to(&self, fds: usize, bound: Duration) {
+        let deadline = tokio::time::Instant::now() + bound;
+        while self.fds() != fds {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the daemon holds {} descriptors {bound:?} after the soak, {fds} before",
+                self.fds()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a hostile or failing Asterisk connection does.
+#[derive(Debug, Clone, Copy)]
+enum Peer {
+    /// Binary junk and a line far over the limit, then a reset.
+    Garbage,
+    /// Connects and says nothing (the daemon gives up on it).
+    Silent,
+    /// Starts a call properly, then resets the connection (Asterisk's
+    /// side dies mid-call).
+    Crash,
+    /// Starts a call, sends half a line and closes.
+    HalfLine,
+    /// Starts a call and decides it with a key, as Asterisk would.
+    Complete,
+    /// Starts a call, then floods events and never reads what comes back.
+    Slow,
+}
+
+/// The soak profile's hold file: a long name, so that each command the
+/// daemon writes back is long and a peer that reads nothing stalls it soon.
+fn soak_hold() -> String {
+    format!("moh/{}", "x".repeat(240))
+}
+
+/// The soak's configuration: a keys-only profile `wait` with that hold.
+fn soak_config(dir: &Path) -> PathBuf {
+    let text = format!(
+        "[wait]\ntype = profile\nhold = {}\nkey = 1 -> continue desk\ntimeout = 600\n",
+        soak_hold()
+    );
+    write_private(dir, "popivr.conf", &text, 0o600)
+}
+
+/// The `P` answer Asterisk gives for `ivr://ADDR(wait)`.
+fn p_answer(addr: std::net::SocketAddr) -> String {
+    format!("P,1700000000,ivr://{addr},wait\n")
+}
+
+/// Bound for a peer's steps: thousands of them share a loaded machine.
+const PEER_WAIT: Duration = Duration::from_secs(30);
+
+/// One peer of `kind`. `gate` limits how many connect at the same instant
+/// (a burst beyond the listen backlog only measures the kernel's SYN
+/// retries); the permit is held until the daemon has spoken.
+async fn peer(
+    addr: std::net::SocketAddr,
+    kind: Peer,
+    gate: Arc<tokio::sync::Semaphore>,
+) -> Result<(), String> {
+    let permit = gate.acquire_owned().await.expect("gate");
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    if let Peer::Slow = kind {
+        // A small window, so the daemon's writes back up at once.
+        socket
+            .set_recv_buffer_size(4096)
+            .map_err(|e| e.to_string())?;
+    }
+    let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
+    let mut permit = Some(permit);
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = tokio::io::BufReader::new(rd);
+    let mut line = String::new();
+    let io = |e: std::io::Error| e.to_string();
+    // Read until a line starting with `prefix`.
+    macro_rules! until {
+        ($prefix:expr) => {
+            loop {
+                line.clear();
+                let n = tokio::time::timeout(PEER_WAIT, rd.read_line(&mut line))
+                    .await
+                    .map_err(|_| format!("{kind:?}: no `{}` within {PEER_WAIT:?}", $prefix))?
+                    .map_err(io)?;
+                permit.take();
+                if n == 0 {
+                    return Err(format!("{kind:?}: closed before `{}`", $prefix));
+                }
+                if line.starts_with($prefix) {
+                    break;
+                }
+            }
+        };
+    }
+    let reset = |stream: tokio::net::TcpStream| {
+        // SO_LINGER 0: close with a reset, as a crashed peer's kernel does.
+        let _ = stream.set_zero_linger();
+        drop(stream);
+    };
+    match kind {
+        Peer::Garbage => {
+            let mut junk: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+            junk.extend(std::iter::repeat_n(b'x', 20_000));
+            junk.extend(b"\n\0\xff,,,P,1\r\n");
+            wr.write_all(&junk).await.map_err(io)?;
+            permit.take();
+            reset(rd.into_inner().reunite(wr).map_err(|e| e.to_string())?);
+        }
+        Peer::Silent => {
+            // Until the daemon hangs up (it waits 5 s for the P answer).
+            let mut sink = Vec::new();
+            permit.take();
+            tokio::time::timeout(PEER_WAIT, rd.read_to_end(&mut sink))
+                .await
+                .map_err(|_| "Silent: never closed by the daemon".to_string())?
+                .map_err(io)?;
+        }
+        Peer::Crash | Peer::HalfLine | Peer::Complete | Peer::Slow => {
+            until!("P,x");
+            wr.write_all(p_answer(addr).as_bytes()).await.map_err(io)?;
+            until!("S,moh/");
+            match kind {
+                Peer::Crash => reset(rd.into_inner().reunite(wr).map_err(|e| e.to_string())?),
+                Peer::HalfLine => {
+                    wr.write_all(b"1,17000").await.map_err(io)?;
+                    wr.shutdown().await.map_err(io)?;
+                    let mut sink = Vec::new();
+                    let _ = tokio::time::timeout(PEER_WAIT, rd.read_to_end(&mut sink)).await;
+                }
+                Peer::Complete => {
+                    wr.write_all(b"1,1700000000\n").await.map_err(io)?;
+                    until!("E,");
+                    wr.write_all(b"E,1700000000\n").await.map_err(io)?;
+                }
+                _ => {
+                    // Far more events than the daemon can answer into a
+                    // window nobody reads; the writes stop when it gives up
+                    // (10 s without a read) and closes.
+                    let flood = format!("F,1700000000,{}\n", soak_hold()).repeat(100);
+                    let flood = flood.as_bytes();
+                    let flooding = async { while wr.write_all(flood).await.is_ok() {} };
+                    tokio::time::timeout(2 * PEER_WAIT, flooding)
+                        .await
+                        .map_err(|_| "Slow: the daemon never gave up".to_string())?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One wave of `n` connections of every kind at once (and a few slow
+/// ones); each must end the way its kind ends.
+async fn wave(addr: std::net::SocketAddr, n: usize, daemon: &Daemon) {
+    use Peer::*;
+    let gate = Arc::new(tokio::sync::Semaphore::new(100));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        tasks.spawn(peer(addr, Slow, gate.clone()));
+    }
+    for i in 0..n {
+        let kind = [Garbage, Silent, Crash, HalfLine, Complete][i % 5];
+        tasks.spawn(peer(addr, kind, gate.clone()));
+    }
+    let mut failures = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done.expect("peer task") {
+            failures.push(e);
+        }
+    }
+    if !failures.is_empty() {
+        let log = daemon.log.lock().unwrap().join("\n");
+        panic!(
+            "{} of {n} peers failed: {failures:?}\ndaemon log:\n{log}",
+            failures.len()
+        );
+    }
+}
+
+/// Thousands of connections to `popivr serve`, every one of them garbage,
+/// silent, reset mid-call, cut mid-line, too slow to read, or a short
+/// normal call: a call that was there before goes on untouched and is still
+/// decided by its key, each kind ends as it should, and the daemon's open
+/// descriptors return to the count before; a second wave does not grow
+/// its memory past the first.
+#[tokio::test]
+async fn serve_survives_a_soak_of_hostile_connections() {
+    const WAVE: usize = 1500;
+    let dir = tempfile::tempdir().unwrap();
+    let config = soak_config(dir.path());
+    let daemon = Daemon::start(&config, &["--max-calls", "5000"]);
+    let call = popivr::sim::SimConfig::new(format!("ivr://{}(wait)", daemon.addr))
+        .sound(soak_hold(), Duration::from_secs(1));
+    let mut good = Sim::start(call).expect("a call");
+    let first = good.next_command(WAIT).await;
+    assert!(
+        matches!(&first, popivr::sim::Next::Command(c) if c.line == "P,x"),
+        "{first:?}"
+    );
+    // The call is under way (hold audio) before the soak begins.
+    let t0 = tokio::time::Instant::now();
+    while !good
+        .transcript()
+        .lines(Dir::Command)
+        .any(|l| l.starts_with("S,moh/"))
+    {
+        assert!(t0.elapsed() < WAIT, "{}", good.transcript());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fds = daemon.fds();
+
+    wave(daemon.addr, WAVE, &daemon).await;
+    daemon.settle_to(fds, Duration::from_secs(30)).await;
+    let rss_first = daemon.rss_kib();
+    wave(daemon.addr, WAVE, &daemon).await;
+    daemon.settle_to(fds, Duration::from_secs(30)).await;
+    let rss_second = daemon.rss_kib();
+    assert!(
+        rss_second <= rss_first + 4096,
+        "memory grew by {} KiB from one wave of {WAVE} connections to the next",
+        rss_second - rss_first
+    );
+    // The slow peers, and only they, were given up on for not reading
+    // (the log is read on a thread of its own: give it a moment).
+    let t0 = tokio::time::Instant::now();
+    while daemon.lines_with("Asterisk read nothing").len() < 6 && t0.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stalled = daemon.lines_with("Asterisk read nothing");
+    assert_eq!(stalled.len(), 6, "{stalled:#?}");
+    assert_eq!(daemon.lines_with("panicked"), Vec::<String>::new());
+
+    // The first call only ever heard its hold audio and its variable reads,
+    // and its key still decides it.
+    let other: Vec<String> = good
+        .transcript()
+        .lines(Dir::Command)
+        .filter(|l| *l != "P,x" && !l.starts_with("S,moh/") && !l.starts_with("A,moh/"))
+        .filter(|l| !l.starts_with("G,"))
+        .map(str::to_string)
+        .collect();
+    assert!(other.is_empty(), "{other:?}");
+    good.key('1');
+    let t0 = tokio::time::Instant::now();
+    while good.var("POPIVR_ACTION").is_none() {
+        assert!(t0.elapsed() < WAIT, "{}", good.transcript());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(good.var("POPIVR_ACTION").as_deref(), Some("desk"));
+    assert!(good.wait_end(WAIT).await.is_some(), "{}", good.transcript());
+    println!(
+        "serve soak: 2 x {WAVE} connections; {fds} descriptors before and after; \
+         RSS {rss_first} KiB after the first wave, {rss_second} KiB after the second"
+    );
+}
