@@ -75,10 +75,14 @@ fn ev(event: Event) -> Input {
 }
 
 fn msg(from: &str, body: &str) -> Input {
+    message(from, &format!("{from}/phone"), MsgKind::Chat, body)
+}
+
+fn message(from_bare: &str, from_full: &str, kind: MsgKind, body: &str) -> Input {
     Input::Message(IncomingMessage {
-        from_bare: from.into(),
-        from_full: format!("{from}/phone"),
-        kind: MsgKind::Chat,
+        from_bare: from_bare.into(),
+        from_full: from_full.into(),
+        kind,
         body: Some(body.into()),
         delayed: false,
         forwarded: false,
@@ -116,12 +120,7 @@ fn var<'a>(cmds: &'a [Command], name: &str) -> Option<&'a str> {
 
 /// A call that has started, read its variables and popped both agents.
 fn popped_call() -> (Call, Vec<Output>) {
-    let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
-    let mut all = call.start();
-    all.extend(call.handle(ev(Event::Vars("CALLERID(num)=5551234".into()))));
-    all.extend(call.handle(ev(Event::Vars("CALLERID(name)=Doe, John".into()))));
-    all.extend(call.handle(Input::Xmpp(XmppStatus::Online)));
-    (call, all)
+    popped_call_with(profile())
 }
 
 #[test]
@@ -608,14 +607,10 @@ fn with_presence(mut p: Profile, targets: &[&str]) -> Profile {
     p
 }
 
-/// Started, variables read, logged in: waiting for roster and presence.
+/// Started, variables read, logged in: with presence-aware profiles,
+/// waiting for roster and presence.
 fn online_call(p: Profile) -> (Call, Vec<Output>) {
-    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]);
-    let mut all = call.start();
-    all.extend(call.handle(ev(Event::Vars("CALLERID(num)=5551234".into()))));
-    all.extend(call.handle(ev(Event::Vars("CALLERID(name)=Doe".into()))));
-    all.extend(call.handle(Input::Xmpp(XmppStatus::Online)));
-    (call, all)
+    popped_call_with(p)
 }
 
 fn to(out: &[Output]) -> Vec<String> {
@@ -880,6 +875,7 @@ fn missed_mode_plays_nothing_and_sends_the_notice() {
     assert!(matches!(cmds.last(), Some(Command::Exit(_))));
 }
 
+/// Started, variables read, logged in (popped, unless presence decides).
 fn popped_call_with(p: Profile) -> (Call, Vec<Output>) {
     let mut call = Call::new(Arc::new(p), "c1".into(), vec![]);
     let mut all = call.start();
@@ -938,15 +934,7 @@ fn occupant(nick: &str, real: Option<&str>) -> Input {
 }
 
 fn room_says(nick: &str, body: &str) -> Input {
-    Input::Message(IncomingMessage {
-        from_bare: ROOM.into(),
-        from_full: format!("{ROOM}/{nick}"),
-        kind: MsgKind::Groupchat,
-        body: Some(body.into()),
-        delayed: false,
-        forwarded: false,
-        thread: None,
-    })
+    message(ROOM, &format!("{ROOM}/{nick}"), MsgKind::Groupchat, body)
 }
 
 fn room_msgs(out: &[Output]) -> Vec<String> {
