@@ -924,6 +924,9 @@ timeout = 30
 type = profile
 account = {pbx}
 targets = {agent}
+; This bench's agent never accepts a presence subscription: pop it whatever
+; its presence (the presence-aware path is measured by the bench suite).
+presence = any
 hold = moh/a, moh/b
 template = Call from $caller_name$ <$caller$> to $number$ #${{n}}. Reply 1 desk, h hang up
 confirm = #${{n}}: $outcome$
