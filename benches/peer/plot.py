@@ -48,7 +48,7 @@ def main(src, dst):
                 continue
             n = len(values)
             ys = [(i + 1) / n for i in range(n)]
-            median = values[(n - 1) // 2]
+            median = (values[(n - 1) // 2] + values[n // 2]) / 2
             ax.step(values, ys, where="post", label="%s (N=%d, median %.2f ms)" % (name, n, median))
         ax.set_xscale("log")
         ax.set_xlabel("ms (log scale)")

@@ -150,8 +150,15 @@ class Call:
 
         self.xmpp = Pop(self.conf, self)
         self.xmpp.connect(self.conf["host"], int(self.conf["port"]))
-        await self.xmpp.online.wait()
-        await self.vars_in.wait()
+        # Asterisk may hang up before the login is done or the reads are
+        # answered: then leave at once.
+        for step in (self.xmpp.online.wait(), self.vars_in.wait()):
+            step = asyncio.ensure_future(step)
+            await asyncio.wait([step, events], return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                self.xmpp.abort()
+                return
         if self.conf.get("presence", "available") != "any":
             wait = float(self.conf.get("presence_wait", "1.5"))
             try:

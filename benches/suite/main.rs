@@ -40,7 +40,8 @@
 //! processes at once (50,200), `BENCH_PEER_BURST` (50), `BENCH_GAP_MS`
 //! pause before each single call (250), `BENCH_POPIVR` another popivr
 //! build, `BENCH_NO_PEER=1`, `BENCH_SMOKE=1` (one of each, no verdicts),
-//! `BENCH_SMAPS=<prefix>` (smaps of the first call of each kind).
+//! `BENCH_SMAPS=<prefix>` (smaps of the first call of each kind),
+//! `BENCH_STRACE=<file>` (one more call under strace, not counted).
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it does
 //! nothing: benchmarks are not tests.
@@ -84,6 +85,7 @@ fn main() {
         println!("benchmarks run with `cargo bench --bench suite` (see BENCHMARKS.md)");
         return;
     }
+    quiet_client_teardown();
     let plan = Plan::from_env();
     let mut report = Report::default();
     let started = Instant::now();
@@ -255,6 +257,22 @@ fn main() {
     }
 }
 
+/// tokio-xmpp 6.0's `Client` panics in its worker task once the client
+/// is dropped after `send_end` ("All clients have been dropped."); the
+/// runtime catches it, but each one would print a backtrace. The floor
+/// series drops a client per round: keep those quiet, show the rest.
+fn quiet_client_teardown() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let ours = info.payload().downcast_ref::<String>().map(String::as_str)
+            == Some("All clients have been dropped.")
+            || info.payload().downcast_ref::<&str>() == Some(&"All clients have been dropped.");
+        if !ours {
+            default(info);
+        }
+    }));
+}
+
 /// What one run does.
 struct Plan {
     only: Option<Vec<String>>,
@@ -412,7 +430,7 @@ async fn percall(
     }
     let single = Some("single");
     let reply = Some("reply");
-    let rows: [(&str, &Samples, Goal, Option<&'static str>); 23] = [
+    let rows: Vec<(&str, &Samples, Goal, Option<&'static str>)> = vec![
         (
             "exec → S, keys-only profile",
             &exec,
@@ -443,6 +461,19 @@ async fn percall(
             Goal::MedianMs(15.0),
             single,
         ),
+        (
+            "exec → last G read, available",
+            &avail.last_g,
+            Goal::None,
+            None,
+        ),
+        (
+            "last G read → pop, available",
+            &avail.g_to_pop,
+            Goal::None,
+            None,
+        ),
+        ("last G read → pop, any", &any.g_to_pop, Goal::None, None),
         (
             "floor: popivr login + 1 message, in-process",
             &floor,
@@ -529,6 +560,25 @@ async fn percall(
     ];
     for (name, samples, goal, plot) in rows {
         report.row_plot(name, samples.clone(), goal, plot);
+    }
+    // One more call under strace, on request: where a pop's time goes.
+    if let Some(file) = std::env::var_os("BENCH_STRACE") {
+        let mut traced = popivr_program(conf, "pop");
+        let mut args: Vec<String> = ["-f", "-tt", "-T", "-o"].map(String::from).to_vec();
+        args.push(PathBuf::from(&file).display().to_string());
+        args.push("-e".into());
+        args.push("trace=network,read,write,writev,execve,poll,epoll_wait".into());
+        args.push(traced.path.display().to_string());
+        args.append(&mut traced.args);
+        traced.args = args;
+        traced.path = PathBuf::from("strace");
+        tokio::time::sleep(plan.gap).await;
+        let c = calls::pop_call(Start::Process(&traced), agent, 999).await;
+        report.note(format!(
+            "traced call (strace, not in the figures): pop {:?}; trace in {}",
+            c.map(|c| ms(c.pop)),
+            PathBuf::from(file).display()
+        ));
     }
     let presence_cost = diff_of_medians(&avail.pop, &any.pop);
     report.note(format!(
@@ -632,6 +682,12 @@ async fn serve_single(
     open.close().await;
     let plot = Some("single");
     report.row("connect → S", s.exec.clone(), Goal::None);
+    report.row("connect → last G read", s.last_g.clone(), Goal::None);
+    report.row(
+        "last G read → pop at the agent",
+        s.g_to_pop.clone(),
+        Goal::None,
+    );
     report.row_plot(
         "connect → pop (res_xmpp ≈ 1.2 ms)",
         s.pop.clone(),
@@ -778,8 +834,10 @@ async fn bursts(
             Goal::None,
         );
         report.note(format!(
-            "{name}: pops missing {}; all done in {:.2} s",
+            "{name}: pops missing {}, no E after the answer {}, failed or killed exits {}; all done in {:.2} s",
             b.missing,
+            b.no_e,
+            b.bad_exits,
             b.wall.as_secs_f64()
         ));
     }

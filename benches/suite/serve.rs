@@ -155,7 +155,7 @@ impl Agents {
             online.push(up_rx);
             let options = SessionOptions {
                 contacts: vec![popivr.to_string()],
-                rooms: Vec::new(),
+                ..SessionOptions::default()
             };
             tokio::spawn(async move {
                 let mut session = popivr::xmpp::spawn(account, options);
