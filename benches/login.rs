@@ -19,6 +19,12 @@ use popivr::xmpp::{XmppEvent, XmppStatus};
 use support::{Prosody, TestAgent, body};
 
 fn main() {
+    // Benchmarks are not tests: `cargo test --all-targets` runs this binary
+    // without `--bench`, and then it does nothing.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("run with `cargo bench --bench login`");
+        return;
+    }
     let n: usize = std::env::var("LOGIN_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())

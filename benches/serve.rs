@@ -18,8 +18,9 @@
 //!    then the agents answer every call at once: reply → `E,` p50/p99.
 //!
 //! Nothing fails on a time; medians and percentiles are printed. Without
-//! `--bench` (`cargo test --all-targets`) it runs a few calls as a smoke
-//! test. `SERVE_POPIVR` measures another popivr build.
+//! `--bench` (`cargo test --all-targets`) it does nothing: benchmarks are
+//! not tests (`cargo bench --bench suite` runs serve beside everything
+//! else). `SERVE_POPIVR` measures another popivr build.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -52,6 +53,12 @@ fn knob(name: &str, default: usize) -> usize {
 }
 
 fn main() {
+    // Benchmarks are not tests: `cargo test --all-targets` runs this binary
+    // without `--bench`, and then it does nothing.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("run with `cargo bench --bench serve`");
+        return;
+    }
     let full = std::env::args().any(|a| a == "--bench");
     let seq = if full { knob("SERVE_SEQ", 100) } else { 3 };
     let scale = if full { knob("SERVE_N", 1000) } else { 20 };
