@@ -4,7 +4,7 @@
 //! behind for good.
 //!
 //! The bounds here are generous (the machines are shared); the 100 ms
-//! target is measured by the per-call benchmark.
+//! target is measured by `cargo bench --bench exit`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
