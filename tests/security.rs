@@ -17,6 +17,9 @@
 //! | `im NAME receives-nothing: DURATION` | no IM reaches NAME for that long |
 //! | `server: kill` / `server: restart` | SIGKILL the test server / start it again on its port |
 //! | `signal: NAME` / `await: NAME` | between two scripts running at once: raise a flag / wait until it is raised |
+//!
+//! The last section soaks `popivr serve` with thousands of hostile
+//! connections of raw TCP peers.
 
 mod support;
 
