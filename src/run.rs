@@ -9,26 +9,23 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::io::Write;
-use std::pin::Pin;
+use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Result;
-use tokio::io::{AsyncBufRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
 use crate::call::{Call, IncomingMessage, Input, OutgoingMessage, Output, TimerId};
 use crate::config::{Account, Agent, Config, Profile};
-use crate::eivr::{self, EventLine, LineReader};
+use crate::eivr::{self, Answers, CommandWriter, EventLine, LineReader};
 use crate::logging::Logger;
 use crate::xmpp;
 
 /// Events read ahead of the call. The reader waits when the call is this
-/// far behind, which only happens while a command write is stuck (and that
-/// is bounded by [`WRITE_TIMEOUT`]).
+/// far behind, which never lasts: the call itself never waits for a write.
 const EVENT_QUEUE: usize = 32;
 
 /// A command write that takes longer means Asterisk stopped reading: the
@@ -64,7 +61,9 @@ pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
         call: id,
         log: log.clone(),
     };
-    let end = drive(call, Vec::new(), events, Stdout, link, control, &log).await;
+    let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
+    let out = eivr::CommandWriter::pipe(stdout);
+    let end = drive(call, Vec::new(), events, out, link, control, &log).await;
     log.debug(&format!("call over: {end}"));
     Ok(())
 }
@@ -161,18 +160,17 @@ pub trait Link: Send {
 /// `link`, timers and `control` are fed to it in turn. `early` are events
 /// read before the call existed; they are handed to it right after its
 /// start.
-pub async fn drive<R, W, L>(
+pub async fn drive<R, L>(
     mut call: Call,
     early: Vec<EventLine>,
     events: LineReader<R>,
-    mut out: W,
+    mut out: CommandWriter,
     link: L,
     mut control: watch::Receiver<Control>,
     log: &Logger,
 ) -> End
 where
     R: AsyncBufRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin,
     L: Link,
 {
     let mut shell = Shell {
@@ -180,22 +178,21 @@ where
         timers: HashMap::new(),
         link,
         decided: false,
-        buf: Vec::new(),
     };
     // Audio first: the hold commands go out before anything else is started.
     let first = call.start();
-    if let Err(end) = shell.apply(&call, first, &mut out).await {
+    if let Err(end) = shell.apply(&call, first, &out) {
         shell.link.close().await;
         return end;
     }
     let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
-    let reader = tokio::spawn(read_events(events, tx, log.clone()));
+    let reader = tokio::spawn(read_events(events, tx, out.answers(), log.clone()));
     let mut pending: Vec<Input> = early.into_iter().map(Input::Event).collect();
     let mut control_open = true;
     let end = 'call: loop {
         for input in pending.drain(..) {
             let outputs = call.handle(input);
-            if let Err(end) = shell.apply(&call, outputs, &mut out).await {
+            if let Err(end) = shell.apply(&call, outputs, &out) {
                 break 'call end;
             }
             if call.is_done() {
@@ -209,6 +206,10 @@ where
             .map(|(id, at)| (*id, *at));
         tokio::select! {
             biased;
+            why = out.stopped() => {
+                shell.log.info(&format!("Asterisk's side is closed ({why}); ending the call"));
+                break 'call End::Unwritable;
+            }
             input = shell.link.recv() => pending.push(input),
             event = rx.recv() => pending.push(event.unwrap_or(Input::Closed)),
             _ = sleep(next_timer.map(|(_, at)| at)) => {
@@ -248,29 +249,21 @@ struct Shell<'a, L> {
     link: L,
     /// The link has been told the call took its action.
     decided: bool,
-    /// Command lines of one batch of outputs, written together.
-    buf: Vec<u8>,
 }
 
 impl<L: Link> Shell<'_, L> {
-    /// Carry out the outputs in order; commands are written together at
-    /// the end (each one a flushed line is no quicker for Asterisk, which
-    /// reads them one by one anyway). `Err` once the call is over or
-    /// Asterisk can no longer be written to.
-    async fn apply<W: AsyncWrite + Unpin>(
-        &mut self,
-        call: &Call,
-        outputs: Vec<Output>,
-        out: &mut W,
-    ) -> Result<(), End> {
+    /// Carry out the outputs in order; the commands go to the writer as
+    /// one batch at the end (it sees to it that Asterisk handles each
+    /// one). `Err` once the call is over.
+    fn apply(&mut self, call: &Call, outputs: Vec<Output>, out: &CommandWriter) -> Result<(), End> {
         let mut done = false;
-        self.buf.clear();
+        let mut batch = Vec::new();
         for output in outputs {
             match output {
                 Output::Command(cmd) => match eivr::render(&cmd) {
                     Ok(line) => {
                         self.log.debug(&format!("> {}", line.trim_end()));
-                        self.buf.extend_from_slice(line.as_bytes());
+                        batch.push(line);
                     }
                     Err(e) => self.log.error(&format!("command not sent: {e}")),
                 },
@@ -292,24 +285,7 @@ impl<L: Link> Shell<'_, L> {
             self.decided = true;
             self.link.decided(outcome);
         }
-        if !self.buf.is_empty() {
-            let write = async {
-                out.write_all(&self.buf).await?;
-                out.flush().await
-            };
-            let result = match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                Ok(result) => result,
-                Err(_) => Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("Asterisk read nothing for {WRITE_TIMEOUT:?}"),
-                )),
-            };
-            if let Err(e) = result {
-                self.log
-                    .info(&format!("Asterisk's side is closed ({e}); ending the call"));
-                return Err(End::Unwritable);
-            }
-        }
+        out.send(batch);
         match done {
             true => Err(End::Done),
             false => Ok(()),
@@ -323,6 +299,7 @@ impl<L: Link> Shell<'_, L> {
 async fn read_events<R: AsyncBufRead + Unpin>(
     mut reader: LineReader<R>,
     tx: mpsc::Sender<Input>,
+    answers: Answers,
     log: Logger,
 ) {
     let mut malformed = Malformed::default();
@@ -330,6 +307,9 @@ async fn read_events<R: AsyncBufRead + Unpin>(
         match reader.next_event().await {
             Ok(Some(Ok(event))) => {
                 log.debug(&format!("< {}", event.to_wire().trim_end()));
+                if answers.heard(&event.event) {
+                    continue;
+                }
                 if tx.send(Input::Event(event)).await.is_err() {
                     return;
                 }
@@ -422,28 +402,6 @@ impl Link for OwnSession {
         if let Some(session) = self.session {
             session.close().await;
         }
-    }
-}
-
-/// Commands go straight to fd 1: a pipe Asterisk always reads, so the
-/// write does not need the runtime's blocking pool.
-struct Stdout;
-
-impl AsyncWrite for Stdout {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Poll::Ready(std::io::stdout().lock().write(buf))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(std::io::stdout().lock().flush())
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.poll_flush(cx)
     }
 }
 

@@ -103,7 +103,7 @@ fn the_demo_shows_a_pop_a_reply_and_the_action() {
         &["popivr -> asterisk", "V,", "POPIVR_ACTION=desk"],
     );
     let leave = find(&lines, vars, &["popivr -> asterisk", "E,"]);
-    find(&lines, leave, &["agent <- xmpp", "sent to desk"]);
+    find(&lines, vars, &["agent <- xmpp", "sent to desk"]);
     find(
         &lines,
         leave,

@@ -163,13 +163,18 @@ fn stand_in() -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("stand-in");
     let body = r#"#!/usr/bin/env python3
-import sys
+import array, fcntl, sys, termios, time
 def send(line):
+    # One line per read, as Asterisk handles them: write only once it has
+    # read everything before (FIONREAD on our end of the pipe).
+    pending = array.array("i", [0])
+    while fcntl.ioctl(1, termios.FIONREAD, pending) == 0 and pending[0] > 0:
+        time.sleep(0.0002)
     sys.stdout.write(line + "\n"); sys.stdout.flush()
 hold = sys.argv[1]
 send("S," + hold)
 send("A," + hold)
-send("G,CALLERID(name)")
+send("G,CALLER_NAME")
 for line in sys.stdin:
     tag, _, data = line.rstrip("\n").split(",", 2) + [""] * (2 - line.count(","))
     if tag == "F":
@@ -195,7 +200,7 @@ async fn run_inline(text: &str) -> Result<(), Failure> {
 
 const GOOD: &str = r#"
 call: STAND_IN(moh/a)
-var: CALLERID(name) = Doe, John
+var: CALLER_NAME = Doe, John
 sound: moh/a 300ms
 ignore: G,*
 expect: S,moh/a
@@ -239,7 +244,7 @@ async fn a_wrong_expectation_names_its_line_and_shows_the_transcript() {
 async fn an_unignored_command_in_between_fails() {
     let bad = GOOD.replace("ignore: G,*\n", "");
     let f = run_inline(&bad).await.unwrap_err();
-    assert!(f.message.contains("G,CALLERID(name)"), "{f}");
+    assert!(f.message.contains("G,CALLER_NAME"), "{f}");
 }
 
 #[tokio::test]

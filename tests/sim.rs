@@ -28,8 +28,13 @@ fn child(body: &str) -> PathBuf {
 fn py(body: &str) -> PathBuf {
     child(&format!(
         r#"#!/usr/bin/env python3
-import sys
+import array, fcntl, sys, termios, time
 def send(line):
+    # One line per read, as Asterisk handles them: write only once it has
+    # read everything before (FIONREAD on our end of the pipe).
+    pending = array.array("i", [0])
+    while fcntl.ioctl(1, termios.FIONREAD, pending) == 0 and pending[0] > 0:
+        time.sleep(0.0002)
     sys.stdout.write(line + "\n"); sys.stdout.flush()
 def event():
     line = sys.stdin.readline()

@@ -2,10 +2,12 @@
 //! (popivr → Asterisk). `parse` reads event lines, `write` renders commands
 //! and is the one place that enforces the wire rules.
 
+mod pace;
 mod parse;
 mod reader;
 mod write;
 
+pub use pace::{Answers, CommandWriter, SYNC_VAR};
 pub use parse::{MAX_EVENT_LINE, ParseError, parse_event};
 pub use reader::LineReader;
 pub(crate) use write::is_unsafe;

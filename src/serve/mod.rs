@@ -476,7 +476,8 @@ impl Daemon {
             .hubs
             .get(&prepared.profile.account)
             .map(|hub| hub.link(n));
-        let end = run::drive(call, early, events, wr, link, control, &log).await;
+        let out = eivr::CommandWriter::socket(wr);
+        let end = run::drive(call, early, events, out, link, control, &log).await;
         // Its place is free before anyone reads that it is over.
         drop(live);
         log.info(&format!("call over: {end}"));

@@ -19,21 +19,9 @@ pub const FRAME: Duration = Duration::from_millis(20);
 /// What the generator plays when the playlist is empty.
 pub const SILENCE: &str = "silence/10";
 
-/// What `G` can read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum GetReads {
-    /// Whatever the variable table holds, functions (`CALLERID(num)`) and
-    /// built-ins (`EXTEN`) included, as externalivr-protocol.md says.
-    #[default]
-    Table,
-    /// As the source reads it: `ast_eivr_getvariable` uses
-    /// `pbx_builtin_getvar_helper`, which finds only real channel variables
-    /// (set with `Set()` or inherited). Dialplan functions (names ending in
-    /// `)`) and built-ins like `EXTEN` or `UNIQUEID` read as empty.
-    VariablesOnly,
-}
-
-/// Names `pbx_retrieve_variable` computes instead of storing them.
+/// Names `pbx_retrieve_variable` computes instead of storing them: `G`
+/// (`pbx_builtin_getvar_helper`) does not see them, nor any dialplan
+/// function (a name ending in `)`), and reads them as empty.
 const BUILTINS: &[&str] = &[
     "CALLERID",
     "CALLERIDNUM",
@@ -216,7 +204,6 @@ pub struct Channel {
     player: Generator,
     sounds: BTreeMap<String, Duration>,
     vars: BTreeMap<String, String>,
-    get_reads: GetReads,
     function_writes: Vec<(String, String)>,
     dtmf_sent: Vec<String>,
     logs: Vec<String>,
@@ -245,18 +232,11 @@ impl Channel {
             player: Generator::new(!options.no_answer),
             sounds,
             vars,
-            get_reads: GetReads::Table,
             function_writes: Vec::new(),
             dtmf_sent: Vec::new(),
             logs: Vec::new(),
             pending_keys: VecDeque::new(),
         }
-    }
-
-    /// Choose what `G` can read (the protocol doc's table by default).
-    pub fn with_get_reads(mut self, get_reads: GetReads) -> Self {
-        self.get_reads = get_reads;
-        self
     }
 
     pub fn is_up(&self) -> bool {
@@ -427,12 +407,14 @@ impl Channel {
     }
 
     /// `ast_eivr_getvariable`: `name=value,` per name (missing → empty),
-    /// the last comma dropped, cut to Asterisk's 2048-byte buffer.
+    /// the last comma dropped, cut to Asterisk's 2048-byte buffer. Only
+    /// plain channel variables are found, as on a real Asterisk: a
+    /// function or built-in in the table (`CALLERID(num)`, `EXTEN`) reads
+    /// as empty.
     fn get_vars(&self, names: &str) -> String {
         let mut out = String::new();
         for name in names.split(',') {
-            let readable = self.get_reads == GetReads::Table
-                || !(name.ends_with(')') || BUILTINS.contains(&name));
+            let readable = !(name.ends_with(')') || BUILTINS.contains(&name));
             let value = self
                 .vars
                 .get(name)
@@ -476,13 +458,10 @@ mod tests {
     use super::*;
 
     fn chan(data: &str) -> Channel {
-        let vars = [
-            ("CALLERID(num)", "5551234"),
-            ("CALLERID(name)", "Doe, John"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        let vars = [("CALLERID(num)", "5551234"), ("CALLER_NAME", "Doe, John")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let sounds = [("a", 1000), ("b", 500), ("c", 10)]
             .into_iter()
             .map(|(k, ms)| (k.to_string(), Duration::from_millis(ms)))
@@ -513,8 +492,8 @@ mod tests {
             ["P,1700000000,/bin/popivr,sales,x=1"]
         );
         assert_eq!(
-            events(&c.command("G,CALLERID(name),NOPE")),
-            ["G,1700000000,CALLERID(name)=Doe, John,NOPE="]
+            events(&c.command("G,CALLER_NAME,NOPE")),
+            ["G,1700000000,CALLER_NAME=Doe, John,NOPE="]
         );
         assert_eq!(events(&c.command("G,a,")), ["G,1700000000,a=,="]);
         // The answer is cut to Asterisk's 99-byte buffer.
@@ -534,8 +513,8 @@ mod tests {
     }
 
     #[test]
-    fn variables_only_reads_no_functions_nor_builtins() {
-        let mut c = chan("/p").with_get_reads(GetReads::VariablesOnly);
+    fn get_reads_no_functions_nor_builtins() {
+        let mut c = chan("/p");
         c.command("V,MYVAR=x");
         c.vars.insert("EXTEN".into(), "100".into());
         assert_eq!(

@@ -19,11 +19,17 @@
 //! - options `n` (not answered: playback gets `Z` until `T`), `i` (a hangup
 //!   sends `I,<ts>,HANGUP` and the child must end with `H`) and `d`
 //!   (already hung up);
-//! - command lines are read like `fgets` with a 1024-byte buffer (a longer
-//!   line goes on as another command), stripped, lines under 3 bytes
-//!   ignored, dispatched on their first byte;
+//! - command lines are read as `ast_iostream_gets` reads them
+//!   ([`lines::CommandInput`]): **one line per wake-up of the command fd**,
+//!   so the tail of a burst waits in Asterisk's buffer until the child
+//!   writes again (lines left there at the end are noted in the
+//!   transcript); 1023 bytes at most per line (a longer line goes on as
+//!   another command), stripped, lines under 3 bytes ignored, dispatched
+//!   on their first byte;
 //! - `P` (argv comma-joined, cut to 99 bytes like Asterisk's 100-byte
-//!   buffer), `G` (from a variable table, missing → empty), `V` (split on
+//!   buffer), `G` (plain variables from a table, missing → empty; dialplan functions
+//!   such as `CALLERID(num)` and built-ins such as `EXTEN` read as empty,
+//!   as on a real Asterisk), `V` (split on
 //!   every comma and the first `=`; writes to names ending in `)` are
 //!   recorded as function writes), `L`, `T`, `D`, `O`, `E`/`H` (answered,
 //!   then the pipes are closed);
@@ -39,11 +45,6 @@
 //! Writes to the child never block the simulator (a writer task with a
 //! queue; at the end queued events get [`WRITE_GRACE`] before stdin is
 //! closed anyway).
-//!
-//! Where the doc and `app_externalivr.c` differ, the doc wins by default:
-//! `G` reads functions such as `CALLERID(num)` from the variable table,
-//! while the source only finds real channel variables. [`GetReads`] selects
-//! the source's behaviour for tests that want it.
 //!
 //! One deliberate difference: Asterisk stops reading stderr the moment it
 //! ends; the simulator first takes the stderr lines already in the pipe,
@@ -80,7 +81,7 @@ pub mod script;
 mod session;
 pub mod transcript;
 
-pub use channel::{Channel, EndReason, GetReads, SILENCE};
+pub use channel::{Channel, EndReason, SILENCE};
 pub use invocation::{Invocation, InvocationError, Options};
 pub use session::{
     Cue, EXTERNALIVR_PORT, ExitError, ExitReport, Next, Received, SessionEnd, Sim, SimConfig,

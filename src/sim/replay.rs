@@ -167,7 +167,6 @@ impl Runner {
         }
         config.vars.extend(script.vars.iter().cloned());
         config.sounds.extend(script.sounds.iter().cloned());
-        config.get_reads = script.get_reads;
 
         let result = match Sim::start(config) {
             Ok(sim) => {

@@ -6,7 +6,6 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use super::channel::GetReads;
 use super::glob::{Glob, unescape};
 use super::invocation::separate_args;
 
@@ -23,7 +22,6 @@ pub struct Script {
     pub vars: Vec<(String, String)>,
     pub sounds: Vec<(String, Duration)>,
     pub env: Vec<(String, String)>,
-    pub get_reads: GetReads,
     pub steps: Vec<Step>,
 }
 
@@ -122,7 +120,6 @@ impl Script {
             vars: Vec::new(),
             sounds: Vec::new(),
             env: Vec::new(),
-            get_reads: GetReads::default(),
             steps: Vec::new(),
         };
         let mut call_line = None;
@@ -141,7 +138,7 @@ impl Script {
             let keyword = words[0];
             let header = matches!(
                 keyword,
-                "config" | "call" | "options" | "var" | "sound" | "env" | "g-reads"
+                "config" | "call" | "options" | "var" | "sound" | "env"
             );
             if header && !script.steps.is_empty() {
                 return Err(err(
@@ -209,18 +206,6 @@ impl Script {
                         .ok_or_else(|| err(n, "`env:` wants NAME=value".into()))?;
                     let value = unescape(value.trim()).map_err(|e| err(n, e))?;
                     script.env.push((name.trim().to_string(), value));
-                }
-                "g-reads" => {
-                    script.get_reads = match need("`table` or `variables-only`")? {
-                        "table" => GetReads::Table,
-                        "variables-only" => GetReads::VariablesOnly,
-                        other => {
-                            return Err(err(
-                                n,
-                                format!("`g-reads: {other}`: want table or variables-only"),
-                            ));
-                        }
-                    }
                 }
                 "expect" => {
                     script
@@ -337,7 +322,6 @@ impl Script {
 fn is_builtin(keyword: &str) -> bool {
     const BUILTIN: &[&str] = &[
         "config",
-        "g-reads",
         "call",
         "options",
         "var",
@@ -466,9 +450,6 @@ exits-within: 2s
             )
         );
         assert_eq!(s.call, "popivr(keys),n");
-        assert_eq!(s.get_reads, GetReads::Table);
-        let v = Script::parse("x", "call: popivr(a)\ng-reads: variables-only\n").unwrap();
-        assert_eq!(v.get_reads, GetReads::VariablesOnly);
         assert_eq!(
             s.vars[1],
             ("CALLERID(name)".to_string(), "Doe, John\r\nE,x".to_string())

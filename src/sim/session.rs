@@ -3,20 +3,21 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, lookup_host};
 use tokio::process::{Child, ChildStderr, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{MissedTickBehavior, timeout, timeout_at};
 
-use super::channel::{Channel, EndReason, FRAME, GetReads, Output, SILENCE};
+use super::channel::{Channel, EndReason, FRAME, Output, SILENCE};
 use super::invocation::{Invocation, split_host_port};
-use super::lines::{LineSplitter, ast_strip};
+use super::lines::{CommandInput, LineSplitter, ast_strip};
 use super::transcript::{Dir, Transcript};
 
 /// How long queued events may take to reach the child at the end before
@@ -42,8 +43,6 @@ pub struct SimConfig {
     /// The sound files that exist, with their play time.
     /// [`SILENCE`] (10 s) is there from the start.
     pub sounds: BTreeMap<String, Duration>,
-    /// What `G` can read; see [`GetReads`].
-    pub get_reads: GetReads,
     /// Working directory of the child (a program path without `/` is
     /// relative to it, as `execv` takes it).
     pub cwd: Option<PathBuf>,
@@ -56,7 +55,6 @@ impl SimConfig {
             env: Vec::new(),
             vars: BTreeMap::new(),
             sounds: BTreeMap::from([(SILENCE.to_string(), Duration::from_secs(10))]),
-            get_reads: GetReads::default(),
             cwd: None,
         }
     }
@@ -167,8 +165,7 @@ struct Shared {
 
 impl Shared {
     fn new(invocation: &Invocation, config: SimConfig) -> Arc<Mutex<Shared>> {
-        let channel =
-            Channel::new(invocation, config.vars, config.sounds).with_get_reads(config.get_reads);
+        let channel = Channel::new(invocation, config.vars, config.sounds);
         Arc::new(Mutex::new(Shared {
             channel,
             transcript: Transcript::default(),
@@ -248,7 +245,11 @@ impl Sim {
 
         let pipes = Pipes {
             stdin: Box::new(child.stdin.take().expect("stdin is piped")),
-            stdout: Box::new(child.stdout.take().expect("stdout is piped")),
+            stdout: child
+                .stdout
+                .take()
+                .expect("stdout is piped")
+                .into_owned_fd()?,
             stderr: Some(child.stderr.take().expect("stderr is piped")),
         };
         let (kill_tx, kill_rx) = oneshot::channel();
@@ -495,11 +496,13 @@ async fn watch_child(
     let _ = exited.send(true);
 }
 
-/// Asterisk's ends of the conversation: the child's pipes, or the two
-/// halves of the `ivr://` socket (no stderr then).
+/// Asterisk's ends of the conversation: the child's pipes, or the
+/// `ivr://` socket (written through `stdin`, read through a second
+/// descriptor of it in `stdout`; no stderr then).
 struct Pipes {
     stdin: Box<dyn AsyncWrite + Send + Unpin>,
-    stdout: Box<dyn AsyncRead + Send + Unpin>,
+    /// Read as [`CommandInput`] does: only when the fd is polled ready.
+    stdout: OwnedFd,
     stderr: Option<ChildStderr>,
 }
 
@@ -527,12 +530,20 @@ async fn connect(target: String, shared: Arc<Mutex<Shared>>, started: Instant) -
         match TcpStream::connect(addr).await {
             Ok(stream) => {
                 note(format!("connected to {addr}"));
-                let (read, write) = stream.into_split();
-                return Some(Pipes {
-                    stdin: Box::new(write),
-                    stdout: Box::new(read),
-                    stderr: None,
+                let halves = stream.into_std().and_then(|s| {
+                    let read = OwnedFd::from(s.try_clone()?);
+                    Ok((read, TcpStream::from_std(s)?))
                 });
+                match halves {
+                    Ok((read, write)) => {
+                        return Some(Pipes {
+                            stdin: Box::new(write),
+                            stdout: read,
+                            stderr: None,
+                        });
+                    }
+                    Err(e) => note(format!("socket to {addr} unusable: {e}")),
+                }
             }
             Err(e) => note(format!("connect to {addr} failed: {e}")),
         }
@@ -571,8 +582,10 @@ impl Session {
             self.shared.clone(),
             self.started,
         ));
-        let (line_tx, mut lines) = mpsc::unbounded_channel();
-        let stdout_reader = tokio::spawn(read_lines(pipes.stdout, line_tx));
+        let mut commands = match CommandInput::new(pipes.stdout) {
+            Ok(input) => input,
+            Err(e) => panic!("the simulator cannot poll the command fd: {e}"),
+        };
         let (stop_stderr, stop_rx) = oneshot::channel();
         let stderr_reader = pipes.stderr.map(|stderr| {
             tokio::spawn(read_stderr(
@@ -594,7 +607,7 @@ impl Session {
             let mut received = None;
             let outputs = tokio::select! {
                 cue = cues.recv() => self.on_cue(cue, &events),
-                line = lines.recv() => match line {
+                line = commands.next() => match line {
                     Some(raw) => self.on_line(&raw, &mut received),
                     None => vec![
                         Output::Note("child process went away".into()),
@@ -625,14 +638,11 @@ impl Session {
         let closed_at = Instant::now();
         let at = self.at();
         self.note(format!("session over ({reason:?}): stdin closed"));
-        stdout_reader.abort();
-        let _ = stdout_reader.await;
-        lines.close();
-        while let Ok(raw) = lines.try_recv() {
-            self.note(format!(
-                "not read by Asterisk (after the end): {}",
-                ast_strip(&raw)
-            ));
+        for line in commands.unread().iter().map(|raw| ast_strip(raw)) {
+            // Empty lines are wake-ups: nothing was lost with them.
+            if !line.is_empty() {
+                self.note(format!("not read by Asterisk (after the end): {line}"));
+            }
         }
         let _ = stop_stderr.send(());
         if let Some(reader) = stderr_reader {
@@ -735,23 +745,6 @@ async fn write_events(
             );
             return;
         }
-    }
-}
-
-/// Chunks as `fgets` would return them, until end of file.
-async fn read_lines(mut pipe: impl AsyncRead + Unpin, lines: mpsc::UnboundedSender<Vec<u8>>) {
-    let mut split = LineSplitter::default();
-    let mut buf = [0u8; 4096];
-    while let Ok(n @ 1..) = pipe.read(&mut buf).await {
-        split.push(&buf[..n]);
-        while let Some(line) = split.next_line() {
-            if lines.send(line).is_err() {
-                return;
-            }
-        }
-    }
-    if let Some(rest) = split.finish() {
-        let _ = lines.send(rest);
     }
 }
 
