@@ -206,6 +206,36 @@ pub fn clean(value: &str) -> String {
     buf
 }
 
+/// Undo `%XX` escapes (Asterisk's `URIENCODE()`); anything else, a stray
+/// `%` included, stays as it is, and bytes that are not UTF-8 become U+FFFD.
+/// The result is raw text: it is cleaned like any value when rendered.
+pub fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `value` percent-encoded, as Asterisk's `URIENCODE()` gives it.
+pub fn percent_encoded(value: &str) -> String {
+    let mut out = String::new();
+    percent_encode(&mut out, value);
+    out
+}
+
 fn percent_encode(out: &mut String, value: &str) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in value.as_bytes() {
@@ -435,6 +465,19 @@ mod tests {
         // The admin's own text may hold anything, control characters too.
         let t = "line one\u{202E}\n$caller$";
         assert_eq!(render(t, &values()), "line one\u{202E}\n+4930123");
+    }
+
+    #[test]
+    fn percent_decoding_undoes_uriencode() {
+        assert_eq!(percent_decode("Doe%2C%20John"), "Doe, John");
+        assert_eq!(percent_decode("M%C3%BCller"), "Müller");
+        assert_eq!(percent_decode("a%0AE%2Cbye"), "a\nE,bye");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%FF"), "\u{FFFD}");
+        let mut encoded = String::new();
+        percent_encode(&mut encoded, "\"O'Brien\" (Sales), ☎ <1>");
+        assert_eq!(percent_decode(&encoded), "\"O'Brien\" (Sales), ☎ <1>");
     }
 
     #[test]

@@ -179,11 +179,11 @@ fn defaults() {
     assert_eq!(
         p.variables,
         [
-            "CALLERID(num)",
-            "CALLERID(name)",
-            "EXTEN",
-            "DNID",
-            "UNIQUEID"
+            "POPIVR_CALLER_NUM",
+            "POPIVR_CALLER_NAME",
+            "POPIVR_EXTEN",
+            "POPIVR_DNID",
+            "POPIVR_UNIQUEID"
         ]
     );
     assert_eq!(p.timeout, Duration::from_secs(30));
@@ -510,13 +510,13 @@ fn two_agents_with_one_jid() {
 fn warnings_for_placeholders_that_stay_empty() {
     let c = load(&format!(
         "{ACCOUNT}[p]\ntype = profile\naccount = pbx\ntargets = a@example.org\n\
-         variables = EXTEN\n\
+         variables = POPIVR_EXTEN\n\
          template = $caller$ [sip.X-Nope] $outcome$ $mystery$ ${{ARG}} $number$\n\
          confirm = $outcome$\n"
     ));
     let w = c.warnings.join("\n");
     for what in [
-        "$caller$ is always empty: `variables` lacks CALLERID(num)",
+        "$caller$ is always empty: `variables` lacks POPIVR_CALLER_NUM",
         "[sip.X-Nope] is always empty: `sip_headers` does not list it",
         "$outcome$ is always empty: it only has a value in `confirm`",
         "$mystery$ is always empty: it is neither built in",
@@ -529,6 +529,22 @@ fn warnings_for_placeholders_that_stay_empty() {
             .iter()
             .all(|l| l.starts_with("/etc/asterisk/popivr.conf:10: "))
     );
+}
+
+#[test]
+fn variables_that_g_cannot_read_are_named() {
+    let c = load(&format!(
+        "{ACCOUNT}[p]\ntype = profile\naccount = pbx\n\
+         variables = CALLERID(num), EXTEN, MY_VAR\n"
+    ));
+    let w = c.warnings.join("\n");
+    for name in ["CALLERID(num)", "EXTEN"] {
+        let what = format!(
+            "[p] variables: {name} always reads as empty: Asterisk's G reads plain channel variables only"
+        );
+        assert!(w.contains(&what), "{what:?} missing in\n{w}");
+    }
+    assert!(!w.contains("MY_VAR"), "{w}");
 }
 
 #[test]

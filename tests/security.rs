@@ -305,7 +305,7 @@ async fn run(script: Script, extensions: Vec<Box<dyn Extension>>) -> Result<Outc
 /// audio, and the bound for what comes first (the pop, after a login).
 fn prelude(flags: &str, caller: &str, within_secs: u32) -> String {
     format!(
-        "call: popivr({flags}sales)\nvar: CALLERID(num) = {caller}\nsound: moh/a 1s\n\
+        "call: popivr({flags}sales)\nvar: POPIVR_CALLER_NUM = {caller}\nsound: moh/a 1s\n\
          ignore: G,*\nignore: A,moh/a\nexpect: S,moh/a\nexpect-within: {within_secs}s\n"
     )
 }

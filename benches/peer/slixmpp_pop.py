@@ -34,7 +34,7 @@ import sys
 
 import slixmpp
 
-VARIABLES = ["CALLERID(num)", "CALLERID(name)", "EXTEN", "DNID", "UNIQUEID"]
+VARIABLES = ["POPIVR_CALLER_NUM", "POPIVR_CALLER_NAME", "POPIVR_EXTEN", "POPIVR_DNID", "POPIVR_UNIQUEID"]
 HOLD = ["moh/a", "moh/b"]
 
 

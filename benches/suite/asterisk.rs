@@ -22,11 +22,11 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// What `G` reads answer (the default `variables` of a profile).
 pub const VARS: &[(&str, &str)] = &[
-    ("CALLERID(num)", "5551234"),
-    ("CALLERID(name)", "Doe John"),
-    ("EXTEN", "100"),
-    ("DNID", "100"),
-    ("UNIQUEID", "1700000000.42"),
+    ("POPIVR_CALLER_NUM", "5551234"),
+    ("POPIVR_CALLER_NAME", "Doe%20John"),
+    ("POPIVR_EXTEN", "100"),
+    ("POPIVR_DNID", "100"),
+    ("POPIVR_UNIQUEID", "1700000000.42"),
 ];
 
 type Writer = Arc<Mutex<Option<Box<dyn Write + Send>>>>;

@@ -25,6 +25,18 @@ const PROMPT_GUARD: Duration = Duration::from_secs(30);
 /// read with it. The dialplan copies the header first:
 /// `Set(POPIVR_SIP_X-Customer-Id=${PJSIP_HEADER(read,X-Customer-Id)})`.
 pub const SIP_HEADER_PREFIX: &str = "POPIVR_SIP_";
+/// The call's data as the shipped `popivr-calldata` dialplan context sets
+/// it (dialplan/popivr-calldata.conf): Asterisk's `G` reads plain channel
+/// variables only, never `CALLERID(num)` or `EXTEN` themselves.
+pub const CALLER_NUM: &str = "POPIVR_CALLER_NUM";
+pub const CALLER_NAME: &str = "POPIVR_CALLER_NAME";
+pub const EXTEN: &str = "POPIVR_EXTEN";
+pub const DNID: &str = "POPIVR_DNID";
+pub const UNIQUEID: &str = "POPIVR_UNIQUEID";
+/// Variables named so are `URIENCODE()`d by the dialplan, so that no
+/// caller-chosen comma, quote or line break reaches the wire, and decoded
+/// here.
+pub const ENCODED_PREFIX: &str = "POPIVR_";
 /// `POPIVR_REPLY` carries at most this many characters of an agent's text.
 const MAX_REPLY_CHARS: usize = 64;
 
@@ -46,10 +58,10 @@ impl CallData {
     /// Template values for this call, plus the per-message extras.
     fn values(&self, tag: &str, outcome: &str, agent: &str) -> template::Values {
         let mut v = template::Values {
-            caller: self.var("CALLERID(num)").to_string(),
-            caller_name: self.var("CALLERID(name)").to_string(),
-            number: self.var("EXTEN").to_string(),
-            called: self.var("DNID").to_string(),
+            caller: self.var(CALLER_NUM).to_string(),
+            caller_name: self.var(CALLER_NAME).to_string(),
+            number: self.var(EXTEN).to_string(),
+            called: self.var(DNID).to_string(),
             outcome: outcome.to_string(),
             agent: agent.to_string(),
             tag: tag.to_string(),
@@ -393,6 +405,10 @@ impl Call {
         };
         match split_vars(data, &[name.as_str()]).pop() {
             Some((_, value)) => {
+                let value = match name.starts_with(ENCODED_PREFIX) {
+                    true => template::percent_decode(&value),
+                    false => value,
+                };
                 self.data.vars.insert(name, value);
             }
             None => log(
@@ -403,8 +419,30 @@ impl Call {
         }
         if self.pending_reads.is_empty() {
             out.push(Output::CancelTimer(TimerId::Setup));
+            self.warn_if_no_data(out);
             self.maybe_pop(out);
         }
+    }
+
+    /// Every variable read came back empty: the dialplan did not set them
+    /// (most likely the `popivr-calldata` line is missing). Said once, with
+    /// the fix, since every pop of such a call is blank.
+    fn warn_if_no_data(&self, out: &mut Vec<Output>) {
+        if self.data.vars.is_empty() || self.data.vars.values().any(|v| !v.is_empty()) {
+            return;
+        }
+        let names: Vec<&str> = self.data.vars.keys().map(String::as_str).collect();
+        log(
+            out,
+            Level::Warn,
+            format!(
+                "no call data: every variable read came back empty ({}). Asterisk's G reads \
+                 plain channel variables only; set them before ExternalIVR with \
+                 `same => n,Gosub(popivr-calldata,s,1(${{EXTEN}}))` \
+                 (dialplan/popivr-calldata.conf)",
+                names.join(", ")
+            ),
+        );
     }
 
     fn on_link(&mut self, status: XmppStatus, out: &mut Vec<Output>) {

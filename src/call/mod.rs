@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::eivr::{Command, EventLine};
 
 mod machine;
-pub use machine::{Call, CallData};
+pub use machine::{CALLER_NAME, CALLER_NUM, Call, CallData, DNID, ENCODED_PREFIX, EXTEN, UNIQUEID};
 
 /// Kind of an incoming XMPP message (`type` attribute; absent = `Normal`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,7 +26,7 @@ fn profile() -> Profile {
         confirm: "Call from $caller$: $outcome$".into(),
         help: "Reply 1 or 2".into(),
         hold: vec!["moh/a".into(), "moh/b".into()],
-        variables: vec!["CALLERID(num)".into(), "CALLERID(name)".into()],
+        variables: vec!["POPIVR_CALLER_NUM".into(), "POPIVR_CALLER_NAME".into()],
         sip_headers: vec![],
         replies: vec![
             ReplyRule {
@@ -177,8 +177,8 @@ fn variables_are_read_one_name_per_g() {
     assert_eq!(
         gets,
         [
-            Command::GetVars(vec!["CALLERID(num)".into()]),
-            Command::GetVars(vec!["CALLERID(name)".into()])
+            Command::GetVars(vec!["POPIVR_CALLER_NUM".into()]),
+            Command::GetVars(vec!["POPIVR_CALLER_NAME".into()])
         ]
     );
 }
@@ -197,8 +197,8 @@ fn the_pop_waits_for_both_the_login_and_the_caller_data() {
     let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
     call.start();
     assert!(sent(&call.handle(Input::Xmpp(XmppStatus::Online))).is_empty());
-    assert!(sent(&call.handle(ev(Event::Vars("CALLERID(num)=555".into())))).is_empty());
-    let out = call.handle(ev(Event::Vars("CALLERID(name)=Doe, John".into())));
+    assert!(sent(&call.handle(ev(Event::Vars("POPIVR_CALLER_NUM=555".into())))).is_empty());
+    let out = call.handle(ev(Event::Vars("POPIVR_CALLER_NAME=Doe%2C%20John".into())));
     assert_eq!(
         sent(&out),
         [
@@ -493,8 +493,12 @@ fn a_keys_only_profile_never_connects() {
 fn caller_data_reaches_the_pop_as_text_only() {
     let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
     call.start();
-    call.handle(ev(Event::Vars("CALLERID(num)=$caller_name$".into())));
-    call.handle(ev(Event::Vars("CALLERID(name)=${EXTEN} [sip.X]".into())));
+    call.handle(ev(Event::Vars(
+        "POPIVR_CALLER_NUM=%24caller_name%24".into(),
+    )));
+    call.handle(ev(Event::Vars(
+        "POPIVR_CALLER_NAME=%24%7BEXTEN%7D%20%5Bsip.X%5D".into(),
+    )));
     let out = call.handle(Input::Xmpp(XmppStatus::Online));
     assert_eq!(
         sent(&out)[0].1,
@@ -863,8 +867,8 @@ fn missed_mode_plays_nothing_and_sends_the_notice() {
     );
     // Asterisk may report the hangup; the notice must still go out.
     assert!(!call.handle(ev(Event::Hangup)).contains(&Output::Done));
-    call.handle(ev(Event::Vars("CALLERID(num)=5551234".into())));
-    call.handle(ev(Event::Vars("CALLERID(name)=Doe".into())));
+    call.handle(ev(Event::Vars("POPIVR_CALLER_NUM=5551234".into())));
+    call.handle(ev(Event::Vars("POPIVR_CALLER_NAME=Doe".into())));
     call.handle(Input::Xmpp(XmppStatus::Online));
     call.handle(roster(&[A, B]));
     call.handle(presence("alice@example.org/x", Show::Online));
@@ -879,8 +883,8 @@ fn missed_mode_plays_nothing_and_sends_the_notice() {
 fn popped_call_with(p: Profile) -> (Call, Vec<Output>) {
     let mut call = Call::new(Arc::new(p), "c1".into(), vec![]);
     let mut all = call.start();
-    all.extend(call.handle(ev(Event::Vars("CALLERID(num)=5551234".into()))));
-    all.extend(call.handle(ev(Event::Vars("CALLERID(name)=Doe, John".into()))));
+    all.extend(call.handle(ev(Event::Vars("POPIVR_CALLER_NUM=5551234".into()))));
+    all.extend(call.handle(ev(Event::Vars("POPIVR_CALLER_NAME=Doe%2C%20John".into()))));
     all.extend(call.handle(Input::Xmpp(XmppStatus::Online)));
     (call, all)
 }
@@ -1001,4 +1005,38 @@ fn a_failed_join_leaves_the_room_out() {
     );
     // Nobody else to pop: the default action at once.
     assert_eq!(var(&commands(&out), "POPIVR_ACTION"), Some("voicemail"));
+}
+
+#[test]
+fn every_variable_empty_gives_one_warning_that_names_the_fix() {
+    let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
+    call.start();
+    let mut all = Vec::new();
+    all.extend(call.handle(ev(Event::Vars("POPIVR_CALLER_NUM=".into()))));
+    all.extend(call.handle(ev(Event::Vars("POPIVR_CALLER_NAME=".into()))));
+    let warnings: Vec<_> = all
+        .iter()
+        .filter_map(|o| match o {
+            Output::Log(Level::Warn, text) => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{all:?}");
+    assert!(
+        warnings[0].contains("Gosub(popivr-calldata,s,1(${EXTEN}))"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[0].contains("(POPIVR_CALLER_NAME, POPIVR_CALLER_NUM)"),
+        "{warnings:?}"
+    );
+
+    let mut call = Call::new(Arc::new(profile()), "c1".into(), vec![]);
+    call.start();
+    let mut all = call.handle(ev(Event::Vars("POPIVR_CALLER_NUM=5551234".into())));
+    all.extend(call.handle(ev(Event::Vars("POPIVR_CALLER_NAME=".into()))));
+    assert!(
+        !all.iter().any(|o| matches!(o, Output::Log(Level::Warn, _))),
+        "one value is enough: {all:?}"
+    );
 }

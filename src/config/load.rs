@@ -16,16 +16,44 @@ use super::{
     Account, Action, ActionKind, Agent, Config, General, Group, Mode, Nobody, PresencePolicy,
     Profile, ReplyRule, Room,
 };
+use crate::call as calldata;
 use crate::forward;
 use crate::template::{self, Placeholder};
 
-/// Channel variables read when a profile names none.
+/// Channel variables read when a profile names none: those the shipped
+/// `popivr-calldata` dialplan context sets.
 pub const DEFAULT_VARIABLES: [&str; 5] = [
-    "CALLERID(num)",
-    "CALLERID(name)",
-    "EXTEN",
+    calldata::CALLER_NUM,
+    calldata::CALLER_NAME,
+    calldata::EXTEN,
+    calldata::DNID,
+    calldata::UNIQUEID,
+];
+/// Names Asterisk computes (`pbx_retrieve_variable`): `G` reads them, like
+/// any dialplan function, as empty.
+const COMPUTED: &[&str] = &[
+    "CALLERID",
+    "CALLERIDNUM",
+    "CALLERIDNAME",
+    "CALLINGPRES",
+    "CALLINGANI2",
+    "CALLINGTON",
+    "CALLINGTNS",
     "DNID",
+    "RDNIS",
+    "EXTEN",
+    "CONTEXT",
+    "PRIORITY",
+    "CHANNEL",
     "UNIQUEID",
+    "HANGUPCAUSE",
+    "LANGUAGE",
+    "ACCOUNTCODE",
+    "HINT",
+    "HINTNAME",
+    "EPOCH",
+    "SYSTEMNAME",
+    "ENTITYID",
 ];
 /// Hold audio when a profile names none.
 pub const DEFAULT_HOLD: &str = "silence/1";
@@ -1324,7 +1352,22 @@ fn profile(
                 match var_name_check(v) {
                     Err(r) => sink.invalid(s, e, r),
                     Ok(()) if variables.iter().any(|x| x == v) => {}
-                    Ok(()) => variables.push(v.to_string()),
+                    Ok(()) => {
+                        if v.ends_with(')') || COMPUTED.contains(&v) {
+                            sink.warn(
+                                &e.at,
+                                format_args!(
+                                    "[{}] variables: {v} always reads as empty: Asterisk's G \
+                                     reads plain channel variables only; copy it into one with \
+                                     Set() before ExternalIVR (the shipped popivr-calldata \
+                                     context sets {}, …)",
+                                    s.name,
+                                    calldata::CALLER_NUM
+                                ),
+                            );
+                        }
+                        variables.push(v.to_string());
+                    }
                 }
             }
         }
@@ -1647,12 +1690,14 @@ impl Known<'_> {
             }
             let why = match &p {
                 Placeholder::Word(w) => match w.as_str() {
-                    "caller" if !reads("CALLERID(num)") => "`variables` lacks CALLERID(num)",
-                    "caller_name" if !reads("CALLERID(name)") => "`variables` lacks CALLERID(name)",
-                    "number" if !reads("EXTEN") => "`variables` lacks EXTEN",
-                    "called" if !reads("DNID") && !reads("EXTEN") => {
-                        "`variables` lacks DNID and EXTEN"
+                    "caller" if !reads(calldata::CALLER_NUM) => {
+                        "`variables` lacks POPIVR_CALLER_NUM"
                     }
+                    "caller_name" if !reads(calldata::CALLER_NAME) => {
+                        "`variables` lacks POPIVR_CALLER_NAME"
+                    }
+                    "number" if !reads(calldata::EXTEN) => "`variables` lacks POPIVR_EXTEN",
+                    "called" if !reads(calldata::DNID) => "`variables` lacks POPIVR_DNID",
                     "outcome" | "agent" if is_pop => "it only has a value in `confirm`",
                     w if !p.is_builtin() && !self.custom.contains(w) => {
                         "it is neither built in nor a `value` of any agent"

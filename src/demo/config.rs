@@ -45,7 +45,6 @@ type = profile
 account = pbx
 targets = {agent_jid}
 hold = {hold}
-variables = CALLERID(num), CALLERID(name), EXTEN, DNID, UNIQUEID
 template = Call from $caller_name$ <$caller$> to $number$ (${queue}). Reply 1 desk, 2 voicemail, fwd NUMBER, h hang up
 confirm = Call from $caller$: $outcome$ (desk $desk$)
 reply = 1, desk -> continue desk

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use popivr::sim::{Dir, Sim, SimConfig, Transcript};
 use popivr::testbed::{self, Install, Prosody};
+use popivr::{call, template};
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use agent::Script;
@@ -164,11 +165,18 @@ async fn demo(options: &Options) -> Result<ExitCode> {
         // Info lines (pop sent, reply taken, action) show how popivr's
         // lines read in Asterisk's log.
         .env("POPIVR_LOG", "info")
-        .var("CALLERID(num)", config::CALLER_NUM)
-        .var("CALLERID(name)", config::CALLER_NAME)
-        .var("EXTEN", config::EXTEN)
-        .var("DNID", config::EXTEN)
-        .var("UNIQUEID", "1700000000.42")
+        // As the shipped popivr-calldata context sets them: URIENCODE()d.
+        .var(
+            call::CALLER_NUM,
+            template::percent_encoded(config::CALLER_NUM),
+        )
+        .var(
+            call::CALLER_NAME,
+            template::percent_encoded(config::CALLER_NAME),
+        )
+        .var(call::EXTEN, config::EXTEN)
+        .var(call::DNID, config::EXTEN)
+        .var(call::UNIQUEID, "1700000000.42")
         .sound(config::HOLD, Duration::from_secs_f64(config::HOLD_SECONDS))
         .sound("vm-intro", Duration::from_millis(1500));
     let agent_log = AgentLog::default();
