@@ -25,7 +25,7 @@ const PROMPT_GUARD: Duration = Duration::from_secs(30);
 /// read with it. The dialplan copies the header first:
 /// `Set(POPIVR_SIP_X-Customer-Id=${PJSIP_HEADER(read,X-Customer-Id)})`.
 pub const SIP_HEADER_PREFIX: &str = "POPIVR_SIP_";
-/// The call's data as the shipped `popivr-calldata` dialplan context sets
+/// The call's data as the shipped `popivr-calldata` dialplan line sets
 /// it (dialplan/popivr-calldata.conf): Asterisk's `G` reads plain channel
 /// variables only, never `CALLERID(num)` or `EXTEN` themselves.
 pub const CALLER_NUM: &str = "POPIVR_CALLER_NUM";
@@ -437,9 +437,8 @@ impl Call {
             Level::Warn,
             format!(
                 "no call data: every variable read came back empty ({}). Asterisk's G reads \
-                 plain channel variables only; set them before ExternalIVR with \
-                 `same => n,Gosub(popivr-calldata,s,1(${{EXTEN}}))` \
-                 (dialplan/popivr-calldata.conf)",
+                 plain channel variables only: set them before ExternalIVR with the MSet line \
+                 of popivr-calldata.conf (in the dialplan snippets shipped with popivr)",
                 names.join(", ")
             ),
         );

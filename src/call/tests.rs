@@ -1023,7 +1023,7 @@ fn every_variable_empty_gives_one_warning_that_names_the_fix() {
         .collect();
     assert_eq!(warnings.len(), 1, "{all:?}");
     assert!(
-        warnings[0].contains("Gosub(popivr-calldata,s,1(${EXTEN}))"),
+        warnings[0].contains("MSet line of popivr-calldata.conf"),
         "{warnings:?}"
     );
     assert!(

@@ -1359,8 +1359,8 @@ fn profile(
                                 format_args!(
                                     "[{}] variables: {v} always reads as empty: Asterisk's G \
                                      reads plain channel variables only; copy it into one with \
-                                     Set() before ExternalIVR (the shipped popivr-calldata \
-                                     context sets {}, …)",
+                                     Set() before ExternalIVR (the MSet line of \
+                                     popivr-calldata.conf sets {}, …)",
                                     s.name,
                                     calldata::CALLER_NUM
                                 ),
