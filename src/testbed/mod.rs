@@ -23,6 +23,8 @@
 //! # drop(account);
 //! ```
 
+mod ami;
+pub mod asterisk;
 mod ca;
 mod prosody;
 
@@ -30,6 +32,8 @@ use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+pub use ami::{Ami, Event, Message};
+pub use asterisk::Asterisk;
 pub use ca::TestCa;
 pub use prosody::{Builder, DOMAIN, Prosody};
 
