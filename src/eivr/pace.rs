@@ -23,8 +23,8 @@
 //!   several is followed, once Asterisk has read it, by one empty line.
 //! - **On a socket** (`ivr://` to `popivr serve`) nothing shows what the
 //!   other end has read, only what it answers. Every batch ends with a line
-//!   Asterisk answers (`G`, `P`, `E`, `H`; when it has none there, a
-//!   `G,POPIVR_SYNC` is added, whose answer never reaches the call), and
+//!   Asterisk answers unmistakably (`E`, `H`, or else a `G,POPIVR_SYNC`
+//!   the writer adds, whose answer never reaches the call), and
 //!   empty lines follow at growing intervals until the answers to every
 //!   such line have come: Asterisk handles lines in order, so the last
 //!   answer proves that every line before it was handled.
@@ -237,9 +237,11 @@ impl Answers {
     /// answer to the writer's own [`SYNC_VAR`] read, which is not the
     /// call's business.
     pub fn heard(&self, event: &Event) -> bool {
+        // Only answers no other line can cause: a stray `G` or `P` event
+        // must not pass for the answer to a batch.
         let ours = match event {
-            Event::Vars(data) => is_sync_answer(data),
-            Event::Params(_) | Event::Exit | Event::Hangup => false,
+            Event::Vars(data) if is_sync_answer(data) => true,
+            Event::Exit | Event::Hangup => false,
             _ => return false,
         };
         self.0.heard.fetch_add(1, Ordering::SeqCst);
@@ -257,9 +259,10 @@ fn is_sync_answer(data: &str) -> bool {
         .is_some_and(|rest| rest.starts_with('='))
 }
 
-/// Whether Asterisk answers this rendered line with an event.
-fn is_answered(line: &str) -> bool {
-    matches!(line.as_bytes().first(), Some(b'G' | b'P' | b'E' | b'H'))
+/// Whether this rendered line ends a batch with an answer of its own
+/// (`E`, `H`); any other batch gets the writer's sync read.
+fn is_final(line: &str) -> bool {
+    matches!(line.as_bytes().first(), Some(b'E' | b'H'))
 }
 
 async fn write_socket<W: AsyncWrite + Unpin>(
@@ -276,10 +279,10 @@ async fn write_socket<W: AsyncWrite + Unpin>(
         tokio::select! {
             batch = batches.recv() => {
                 let Some(mut batch) = batch else { return Ok(()) };
-                if !batch.last().is_some_and(|l| is_answered(l)) {
+                if !batch.last().is_some_and(|l| is_final(l)) {
                     batch.push(sync.clone());
                 }
-                asked += batch.iter().filter(|l| is_answered(l)).count() as u64;
+                asked += batch.iter().filter(|l| is_final(l) || **l == sync).count() as u64;
                 write_timed(&mut out, batch.concat().as_bytes()).await?;
                 if wake.is_none() {
                     waiting_since = tokio::time::Instant::now();
@@ -331,11 +334,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn answered_lines() {
-        for line in ["G,X\n", "P,x\n", "E,bye\n", "H,bye\n"] {
-            assert!(is_answered(line), "{line}");
+    fn final_lines() {
+        for line in ["E,bye\n", "H,bye\n"] {
+            assert!(is_final(line), "{line}");
         }
         for line in [
+            "G,X\n",
+            "P,x\n",
             "S,a\n",
             "A,a\n",
             "V,A=1\n",
@@ -344,7 +349,7 @@ mod tests {
             "O,autoclear\n",
             "T,x\n",
         ] {
-            assert!(!is_answered(line), "{line}");
+            assert!(!is_final(line), "{line}");
         }
     }
 
@@ -356,7 +361,8 @@ mod tests {
         assert!(!a.heard(&Event::Vars("POPIVR_SYNCX=".into())));
         assert!(!a.heard(&Event::Vars("POPIVR_CALLER_NUM=1".into())));
         assert!(!a.heard(&Event::Exit));
+        assert!(!a.heard(&Event::Params(vec!["x".into()])));
         assert!(!a.heard(&Event::Finished("a".into())));
-        assert_eq!(a.count(), 5, "the F event answers nothing");
+        assert_eq!(a.count(), 3, "stray G, P and F events are no answers");
     }
 }
