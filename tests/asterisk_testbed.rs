@@ -159,6 +159,23 @@ async fn caller_id_reaches_the_pbx_side() {
         assert!(seen["Channel"].ends_with(";2"), "{}", seen["Channel"]);
     }
 
+    // The longest caller ID Originate keeps whole (255 bytes as sent:
+    // `"` + name + `" <1>`) arrives whole; one byte more is refused
+    // rather than cut by Asterisk.
+    let longest = format!("{}ü", "x".repeat(247));
+    let call = pbx
+        .originate(Originate::new("Local/100@from-pbx").caller_id("1", &longest))
+        .await
+        .unwrap();
+    let seen = pbx.wait_user_event_for(&call, "Seen", WAIT).await;
+    assert_eq!(uri_decode(&seen["NAME"]), longest);
+    assert_eq!(uri_decode(&seen["NUM"]), "1");
+    let too_long = format!("{longest}x");
+    let refused = pbx
+        .originate(Originate::new("Local/100@from-pbx").caller_id("1", &too_long))
+        .await;
+    assert!(refused.is_err(), "256-byte caller ID accepted");
+
     // What Asterisk's Originate changes: blanks and ()-. leave numbers.
     let call = pbx
         .originate(Originate::new("Local/100@from-pbx").caller_id("+49 (30) 555-12.3", "X"))
@@ -272,12 +289,20 @@ cat > /dev/null
         .await
         .unwrap();
     let done = pbx.wait_user_event_for(&call, "IvrDone", WAIT).await;
-    let log = pbx.log();
     // The hold sound finished: its F event was what the child read.
-    assert_eq!(done["GOT"], "F", "{log}");
-    assert!(log.contains("got command 'S,custom/hold'"), "{log}");
-    assert!(log.contains("got command 'E,bye'"), "{log}");
-    assert!(log.contains("child got: F,"), "{log}");
+    assert_eq!(done["GOT"], "F", "{}", pbx.log());
+    // The log is written by a thread of its own: it may lag the event.
+    for line in [
+        "got command 'S,custom/hold'",
+        "got command 'E,bye'",
+        "child got: F,",
+    ] {
+        assert!(
+            pbx.wait_log(line, WAIT).await,
+            "no {line:?} in\n{}",
+            pbx.log()
+        );
+    }
     assert_eq!(pbx.channels_in_app("ExternalIVR").await, 0);
     assert!(pbx.wait_no_channels(WAIT).await, "calls left");
     // The child saw stdin close and exited.
@@ -291,4 +316,41 @@ cat > /dev/null
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!process_exists(pid), "ExternalIVR child still running");
+}
+
+/// `Gosub` (every shipped dialplan snippet uses it) works when the build
+/// has app_stack's dependencies (res_agi, res_speech); otherwise the
+/// start fails at once with a message that says what is missing, rather
+/// than calls failing later.
+#[tokio::test]
+async fn gosub_runs_or_the_start_says_why_not() {
+    let started = Asterisk::builder()
+        .file(
+            "sub.conf",
+            "[sub]\nexten => s,1,Set(FROM_SUB=${ARG1})\n same => n,Return()\n",
+        )
+        .dialplan(
+            "#include sub.conf\n\
+             [from-pbx]\n\
+             exten => 100,1,Gosub(sub,s,1(hello))\n \
+             same => n,UserEvent(Subbed,FROM_SUB: ${FROM_SUB})\n \
+             same => n,Hangup()\n",
+        )
+        .try_start()
+        .await;
+    let pbx = match started {
+        Ok(pbx) => pbx,
+        Err(why) => {
+            let why = why.to_string();
+            assert!(why.contains("Gosub") && why.contains("res_agi"), "{why}");
+            eprintln!("no Gosub in this Asterisk build: {why}");
+            return;
+        }
+    };
+    let call = pbx
+        .originate(Originate::new("Local/100@from-pbx"))
+        .await
+        .unwrap();
+    let got = pbx.wait_user_event_for(&call, "Subbed", WAIT).await;
+    assert_eq!(got["FROM_SUB"], "hello", "{}", pbx.log());
 }
