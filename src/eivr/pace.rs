@@ -36,7 +36,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -66,13 +66,23 @@ const MAX_LOOK: Duration = Duration::from_millis(2);
 /// (or answered nothing) for this long.
 pub const STALL: Duration = Duration::from_secs(10);
 
+/// Commands queued for a writer that Asterisk is not reading, past which
+/// the writer stops at once rather than hold more: a call queues a few
+/// hundred bytes at a time, so this much waiting means an Asterisk that
+/// reads nothing while it keeps sending events (each one answered by a
+/// command).
+pub const MAX_BACKLOG: usize = 64 * 1024;
+
 /// The command side of one call: takes batches of rendered lines and
 /// writes them as the module doc says, on a thread (pipe) or a task
 /// (socket) of its own, so the call never waits for Asterisk's reads.
 pub struct CommandWriter {
     batches: mpsc::UnboundedSender<Vec<String>>,
+    stop: Arc<watch::Sender<Option<String>>>,
     stopped: watch::Receiver<Option<String>>,
     answers: Answers,
+    /// Bytes queued and not yet taken by the writer.
+    backlog: Arc<AtomicUsize>,
 }
 
 impl CommandWriter {
@@ -82,7 +92,10 @@ impl CommandWriter {
     pub fn pipe(fd: OwnedFd) -> CommandWriter {
         let (batches, mut rx) = mpsc::unbounded_channel::<Vec<String>>();
         let (stop, stopped) = watch::channel(None);
+        let stop = Arc::new(stop);
+        let backlog = Arc::new(AtomicUsize::new(0));
         let is_pipe = is_fifo(&fd);
+        let (stopping, taken) = (stop.clone(), backlog.clone());
         std::thread::Builder::new()
             .name("eivr-writer".into())
             .spawn(move || {
@@ -91,8 +104,9 @@ impl CommandWriter {
                     while let Ok(more) = rx.try_recv() {
                         batch.extend(more);
                     }
+                    taken.fetch_sub(size(&batch), Ordering::SeqCst);
                     if let Err(e) = pipe.write_batch(&batch) {
-                        let _ = stop.send(Some(e.to_string()));
+                        stop_with(&stopping, e.to_string());
                         return;
                     }
                 }
@@ -100,8 +114,10 @@ impl CommandWriter {
             .expect("start the command writer thread");
         CommandWriter {
             batches,
+            stop,
             stopped,
             answers: Answers::default(),
+            backlog,
         }
     }
 
@@ -114,16 +130,20 @@ impl CommandWriter {
         let answers = Answers::default();
         let (batches, rx) = mpsc::unbounded_channel();
         let (stop, stopped) = watch::channel(None);
-        let counted = answers.clone();
+        let stop = Arc::new(stop);
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let (counted, stopping, taken) = (answers.clone(), stop.clone(), backlog.clone());
         tokio::spawn(async move {
-            if let Err(e) = write_socket(out, rx, counted).await {
-                let _ = stop.send(Some(e.to_string()));
+            if let Err(e) = write_socket(out, rx, counted, taken).await {
+                stop_with(&stopping, e.to_string());
             }
         });
         CommandWriter {
             batches,
+            stop,
             stopped,
             answers,
+            backlog,
         }
     }
 
@@ -132,11 +152,21 @@ impl CommandWriter {
         self.answers.clone()
     }
 
-    /// Queue a batch of lines (each rendered with its `\n`).
+    /// Queue a batch of lines (each rendered with its `\n`). Past
+    /// [`MAX_BACKLOG`] unwritten bytes the writer stops instead.
     pub fn send(&self, batch: Vec<String>) {
-        if !batch.is_empty() {
-            let _ = self.batches.send(batch);
+        if batch.is_empty() || self.stop.borrow().is_some() {
+            return;
         }
+        let queued = self.backlog.fetch_add(size(&batch), Ordering::SeqCst) + size(&batch);
+        if queued > MAX_BACKLOG {
+            stop_with(
+                &self.stop,
+                format!("Asterisk read nothing of {} KiB of commands", queued / 1024),
+            );
+            return;
+        }
+        let _ = self.batches.send(batch);
     }
 
     /// Resolves once the writer cannot go on, with the reason.
@@ -146,6 +176,21 @@ impl CommandWriter {
             Err(_) => "the command writer is gone".to_string(),
         }
     }
+}
+
+fn size(batch: &[String]) -> usize {
+    batch.iter().map(String::len).sum()
+}
+
+/// Record why the writer stops, unless a reason is already there.
+fn stop_with(stop: &watch::Sender<Option<String>>, why: String) {
+    stop.send_if_modified(|reason| {
+        if reason.is_some() {
+            return false;
+        }
+        *reason = Some(why);
+        true
+    });
 }
 
 /// The per-call writer's pipe.
@@ -269,6 +314,7 @@ async fn write_socket<W: AsyncWrite + Unpin>(
     mut out: W,
     mut batches: mpsc::UnboundedReceiver<Vec<String>>,
     answers: Answers,
+    backlog: Arc<AtomicUsize>,
 ) -> io::Result<()> {
     let sync = format!("G,{SYNC_VAR}\n");
     let mut asked = answers.count();
@@ -279,6 +325,7 @@ async fn write_socket<W: AsyncWrite + Unpin>(
         tokio::select! {
             batch = batches.recv() => {
                 let Some(mut batch) = batch else { return Ok(()) };
+                backlog.fetch_sub(size(&batch), Ordering::SeqCst);
                 if !batch.last().is_some_and(|l| is_final(l)) {
                     batch.push(sync.clone());
                 }
@@ -364,5 +411,25 @@ mod tests {
         assert!(!a.heard(&Event::Params(vec!["x".into()])));
         assert!(!a.heard(&Event::Finished("a".into())));
         assert_eq!(a.count(), 3, "stray G, P and F events are no answers");
+    }
+
+    #[tokio::test]
+    async fn a_writer_nobody_reads_stops_once_its_backlog_is_full() {
+        // Asterisk's end: held open, never read.
+        let (out, _asterisk) = tokio::io::duplex(64);
+        let mut writer = CommandWriter::socket(out);
+        let line = format!("A,{}\n", "x".repeat(1000));
+        let mut sent = 0;
+        while sent < 2 * MAX_BACKLOG {
+            writer.send(vec![line.clone()]);
+            sent += line.len();
+        }
+        let why = tokio::time::timeout(Duration::from_secs(1), writer.stopped())
+            .await
+            .expect("stops long before STALL");
+        assert!(why.starts_with("Asterisk read nothing of 64 KiB"), "{why}");
+        // A second reason never replaces the first.
+        writer.send(vec![line]);
+        assert_eq!(writer.stopped().await, why);
     }
 }
