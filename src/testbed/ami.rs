@@ -30,6 +30,19 @@ pub type Event = HashMap<String, String>;
 /// only a stuck Asterisk takes this long.
 const ACTION_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// When Asterisk raised `event`: its `Timestamp` field (manager.conf's
+/// `timestampevents`, on in every testbed Asterisk), on the same clock as
+/// [`std::time::SystemTime::now`].
+pub fn event_time(event: &Event) -> Option<std::time::SystemTime> {
+    let (secs, micros) = event.get("Timestamp")?.split_once('.')?;
+    let micros = format!("{micros:0<6}");
+    Some(
+        std::time::UNIX_EPOCH
+            + Duration::from_secs(secs.parse().ok()?)
+            + Duration::from_micros(micros.get(..6)?.parse().ok()?),
+    )
+}
+
 /// One AMI message (a response), its lines in order. Unlike [`Event`] it
 /// keeps repeated keys, which a `Command` response uses for its output
 /// (one `Output:` line per line of CLI output).
@@ -244,6 +257,30 @@ impl Ami {
     /// returned by a `wait_*` call).
     pub fn events(&self) -> Vec<Event> {
         self.shared.events.lock().unwrap().all.clone()
+    }
+
+    /// Every event from index `seen` on (what [`events`](Self::events)
+    /// would hold past its first `seen`), waiting up to `timeout` for one
+    /// when there is none yet; empty on timeout or once the connection is
+    /// closed. For a test that follows many calls at once: one reader
+    /// keeps its own cursor instead of many waiters each scanning every
+    /// event, and nothing is taken from the `wait_*` calls.
+    pub async fn events_after(&self, seen: usize, timeout: Duration) -> Vec<Event> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let events = self.shared.events.lock().unwrap();
+                if events.all.len() > seen {
+                    return events.all[seen..].to_vec();
+                }
+            }
+            if self.is_closed() || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Vec::new();
+            }
+        }
     }
 
     /// Wait for the oldest event that `filter` accepts and that no earlier

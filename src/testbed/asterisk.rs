@@ -717,6 +717,9 @@ fn manager_conf(port: u16, secret: &str) -> String {
 enabled = yes
 bindaddr = 127.0.0.1
 port = {port}
+; every event carries `Timestamp: <epoch seconds>.<microseconds>`, taken
+; when Asterisk raised it (timing checks compare it with the test's clock)
+timestampevents = yes
 
 [{USERNAME}]
 secret = {secret}

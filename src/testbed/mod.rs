@@ -32,7 +32,7 @@ use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-pub use ami::{Ami, Event, Message};
+pub use ami::{Ami, Event, Message, event_time};
 pub use asterisk::Asterisk;
 pub use ca::TestCa;
 pub use prosody::{Builder, DOMAIN, Prosody};

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod prosody;
+pub mod real;
 
 pub use agent::{TestAgent, TestMessage, WAIT, Wrapper, body};
 pub use prosody::{Prosody, TestCa, free_port};
