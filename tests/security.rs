@@ -14,6 +14,8 @@
 //! | `im NAME receives [LABEL]: GLOB` | the next IM to NAME from popivr whose body matches (others wait); LABEL keeps its sender (popivr's full JID) and thread |
 //! | `im NAME says [LABEL]: TEXT` | a chat message to popivr's bare JID, in LABEL's thread if given |
 //! | `im NAME replies LABEL: TEXT` | a chat message to LABEL's full JID, in its thread (what a client does when the agent answers that pop) |
+//! | `im NAME answers LABEL: TEXT` | to LABEL's full JID without a thread (a client that drops threads but keeps the resource) |
+//! | `im NAME tags LABEL: TEXT` | to the bare JID without thread, the text after LABEL's tag (`#<its thread> TEXT`, as the agent types it) |
 //! | `im NAME receives-nothing: DURATION` | no IM reaches NAME for that long |
 //! | `server: kill` / `server: restart` | SIGKILL the test server / start it again on its port |
 //! | `signal: NAME` / `await: NAME` | between two scripts running at once: raise a flag / wait until it is raised |
@@ -51,6 +53,16 @@ const BIN: &str = env!("CARGO_BIN_EXE_popivr");
 struct Pop {
     from: String,
     thread: Option<String>,
+}
+
+impl Pop {
+    /// No pop: a message to the bare JID without thread.
+    fn none() -> Pop {
+        Pop {
+            from: String::new(),
+            thread: None,
+        }
+    }
 }
 
 /// What the scripts of one test share: the agents, the pops they kept,
@@ -173,16 +185,27 @@ impl Steps {
                     )),
                 }
             }
-            "says" | "replies" => {
-                let text = unescape(&step.arg)?;
+            "says" | "replies" | "answers" | "tags" => {
+                let mut text = unescape(&step.arg)?;
                 let pop = label.map(|l| desk.pop(l)).transpose()?;
-                let to = match (verb, &pop) {
-                    ("replies", Some(pop)) => pop.from.clone(),
-                    ("replies", None) => return Err("`replies` needs a LABEL".into()),
+                let Some(pop) = pop.or_else(|| (verb == "says").then(Pop::none)) else {
+                    return Err(format!("`{verb}` needs a LABEL"));
+                };
+                // replies: to the pop's full JID in its thread; answers: to
+                // its full JID without thread; says: to the bare JID in its
+                // thread (if any); tags: to the bare JID, its thread as a
+                // typed tag.
+                let to = match verb {
+                    "replies" | "answers" => pop.from.clone(),
                     _ => desk.popivr_bare.clone(),
                 };
+                let mut thread = pop.thread.clone();
+                if verb == "tags" {
+                    let tag = thread.take().ok_or("that pop had no thread")?;
+                    text = format!("#{tag} {text}");
+                }
                 let mut msg = TestMessage::chat(&to, &text);
-                if let Some(thread) = pop.and_then(|p| p.thread) {
+                if let Some(thread) = thread.filter(|_| verb != "answers") {
                     msg = msg.thread(&thread);
                 }
                 agent.send(msg).await;
@@ -397,9 +420,11 @@ async fn subscribe(server: &Prosody, agent: &mut TestAgent) {
 
 /// Call 1 ends at its timeout; call 2 pops alice again. Alice then
 /// answers call 1's pop, as her client keeps it: to the full JID that sent
-/// it, in its thread. That JID is gone, so the server hands the message to
-/// the account's session that is online, call 2's. It must not decide
-/// call 2; only her answer to call 2's own pop does.
+/// it, in its thread; to the bare JID in its thread; to that full JID
+/// without thread. That JID is gone, so the server hands the message to
+/// the account's session that is online, call 2's, `to` unchanged. None
+/// may decide call 2, and each time she is told why (once); only her
+/// answer to call 2's own pop decides it.
 #[tokio::test]
 async fn a_reply_to_a_previous_call_does_not_act_on_the_next() {
     let server = desk_server();
@@ -421,7 +446,11 @@ async fn a_reply_to_a_previous_call_does_not_act_on_the_next() {
         ("5552222", 10),
         "im alice receives two: Second call from 5552222*\n\
          im alice replies one: 1\n\
+         im alice receives: Call #* is over: your reply did nothing. Waiting: #*\n\
          im alice says one: 1\n\
+         im alice receives: Call #* is over: your reply did nothing. Waiting: #*\n\
+         im alice answers one: 1\n\
+         im alice receives: That pop's call is over: your reply did nothing. Waiting: #*\n\
          no-command: 500ms\n\
          var-unset: POPIVR_ACTION\n\
          im alice replies two: 2\n\

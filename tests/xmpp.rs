@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use popivr::call::{IncomingMessage, MsgKind, OutgoingMessage};
+use popivr::call::{Addressed, IncomingMessage, MsgKind, OutgoingMessage};
 use popivr::config::Account;
 use popivr::xmpp::{self, IncomingPresence, Session, Show, XmppEvent, XmppStatus};
 use support::{Prosody, TestAgent, TestCa, TestMessage, WAIT, Wrapper, body, free_port};
@@ -315,6 +315,7 @@ async fn agent_reply_is_taken_apart() {
             delayed: false,
             forwarded: false,
             thread: Some("call-1".into()),
+            to: Addressed::Bare,
         }
     );
 }
