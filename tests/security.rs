@@ -41,6 +41,7 @@ use xmpp_parsers::message::Message;
 
 const PBX_PW: &str = "pbx-Secret-5d0c41";
 const ALICE_PW: &str = "alice-Secret-77e9";
+const BOB_PW: &str = "bob-Secret-2c1a";
 
 const BIN: &str = env!("CARGO_BIN_EXE_popivr");
 
@@ -333,6 +334,14 @@ fn prelude(flags: &str, caller: &str, within_secs: u32) -> String {
     )
 }
 
+/// Run `scripts` at the same time, sharing `desk`; each must pass.
+async fn all_pass(scripts: Vec<Script>, desk: &Arc<Desk>) {
+    let runs = scripts.into_iter().map(|s| run(s, Steps::all(desk)));
+    for result in futures::future::join_all(runs).await {
+        passed(result);
+    }
+}
+
 fn passed(result: Result<Outcome, Failure>) -> Outcome {
     result.unwrap_or_else(|failure| panic!("{failure}"))
 }
@@ -495,9 +504,160 @@ async fn concurrent_calls_do_not_race_for_one_reply() {
          expect: V,POPIVR_ACTION=voicemail,POPIVR_REPLY=2,*\nexpect: E,*\n\
          im alice receives: B: *voicemail*\nexits-within: 2s\n",
     );
-    let (ra, rb) = tokio::join!(run(a, Steps::all(&desk)), run(b, Steps::all(&desk)));
-    passed(ra);
-    passed(rb);
+    all_pass(vec![a, b], &desk).await;
+    desk.close().await;
+}
+
+/// Three per-call processes pop alice at once (all three pops in one
+/// chat in her client). Her bare-JID `1` without thread could be for any:
+/// it moves none, and she is told once, not three times. Then each call
+/// is answered the way some client does it, and each reply moves exactly
+/// its own call: A to its full JID in its thread; B to its full JID
+/// without thread (nothing: still ambiguous, B itself says so), then with
+/// B's tag typed; C to the bare JID in its thread.
+#[tokio::test]
+async fn one_reply_moves_at_most_one_of_three_waiting_calls() {
+    let server = desk_server();
+    let desk = desk_with_alice(&server).await;
+    let a = sales_call(
+        &server,
+        ("call-a", "A", 60),
+        ("5550001", 15),
+        "im alice receives a: A call from 5550001*\n\
+         signal: a-popped\nawait: b-popped\nawait: c-popped\n\
+         im alice says: 1\n\
+         no-command: 500ms\nvar-unset: POPIVR_ACTION\n\
+         im alice receives: Several calls popped you, so your reply did nothing*\n\
+         im alice receives-nothing: 1s\n\
+         signal: bare-done\n\
+         im alice replies a: 1\n\
+         expect: V,POPIVR_ACTION=desk,POPIVR_REPLY=1,*\nexpect: E,*\n\
+         im alice receives: A: sent to desk\n\
+         signal: a-done\nexits-within: 2s\n",
+    );
+    let b = sales_call(
+        &server,
+        ("call-b", "B", 60),
+        ("5550002", 15),
+        "im alice receives b: B call from 5550002*\n\
+         signal: b-popped\nawait: a-done\n\
+         var-unset: POPIVR_ACTION\n\
+         im alice answers b: 1\n\
+         im alice receives: Several calls popped you*\n\
+         no-command: 500ms\nvar-unset: POPIVR_ACTION\n\
+         im alice tags b: 2\n\
+         expect: V,POPIVR_ACTION=voicemail,POPIVR_REPLY=2,*\nexpect: E,*\n\
+         im alice receives: B: *voicemail*\n\
+         signal: b-done\nexits-within: 2s\n",
+    );
+    let c = sales_call(
+        &server,
+        ("call-c", "C", 60),
+        ("5550003", 15),
+        "await: b-popped\n\
+         im alice receives c: C call from 5550003*\n\
+         signal: c-popped\nawait: b-done\n\
+         var-unset: POPIVR_ACTION\n\
+         im alice says c: 1\n\
+         expect: V,POPIVR_ACTION=desk,POPIVR_REPLY=1,*\nexpect: E,*\n\
+         im alice receives: C: sent to desk\nexits-within: 2s\n\
+         im alice receives-nothing: 500ms\n",
+    );
+    all_pass(vec![a, b, c], &desk).await;
+    desk.close().await;
+}
+
+/// alice on two devices: both get the pop (a chat to her bare JID), her
+/// phone answers it (to the pop's full JID, no thread: the only call, so
+/// it counts), her desk gets the carbon of that answer. The call moves
+/// once, and the carbon never reaches popivr as a reply.
+#[tokio::test]
+async fn a_second_device_steers_once() {
+    let server = desk_server();
+    let mut alice = TestAgent::login(&server, "alice", ALICE_PW).await;
+    subscribe(&server, &mut alice).await;
+    alice
+        .send_raw(
+            "<iq xmlns='jabber:client' type='set' id='carbons-on'>\
+             <enable xmlns='urn:xmpp:carbons:2'/></iq>",
+        )
+        .await;
+    let phone_jid = format!("{}/phone", server.jid("alice"));
+    let phone = TestAgent::login_as(&server, &phone_jid, ALICE_PW).await;
+    let desk = Desk::new(server.jid("pbx"), vec![("alice", alice), ("phone", phone)]);
+    let steps = prelude("", "5551234", 10)
+        + "im alice receives: Pop call from 5551234*\n\
+           im phone receives pop: Pop call from 5551234*\n\
+           im phone answers pop: 1\n\
+           expect: V,POPIVR_ACTION=desk,POPIVR_REPLY=1,*\nexpect: E,*\n\
+           im phone receives: Pop: sent to desk\nexits-within: 2s\n";
+    let config = sales(&server, "Pop", "60");
+    passed(run(script("two-devices", &config, steps), Steps::all(&desk)).await);
+    let mut agents = desk.agents.lock().await;
+    let alice = agents.get_mut("alice").unwrap();
+    let carbon = alice
+        .next_message_within(WAIT, |m| {
+            m.payloads
+                .iter()
+                .any(|p| p.is("sent", "urn:xmpp:carbons:2"))
+        })
+        .await;
+    assert!(
+        carbon.is_some(),
+        "the desk got no carbon of the phone's answer"
+    );
+    drop(agents);
+    desk.close().await;
+}
+
+/// Two calls pop both alice and bob; each answers a different call at the
+/// same moment. Bare-JID answers without thread could be for either call:
+/// neither moves, each agent is told. Answers in the pops' threads move
+/// exactly the call each was written for.
+#[tokio::test]
+async fn two_agents_answer_two_calls_at_once() {
+    let server = Prosody::builder()
+        .user("pbx", PBX_PW)
+        .user("alice", ALICE_PW)
+        .user("bob", BOB_PW)
+        .start();
+    let mut alice = TestAgent::login(&server, "alice", ALICE_PW).await;
+    subscribe(&server, &mut alice).await;
+    let mut bob = TestAgent::login(&server, "bob", BOB_PW).await;
+    subscribe(&server, &mut bob).await;
+    let desk = Desk::new(server.jid("pbx"), vec![("alice", alice), ("bob", bob)]);
+    let both = |tag: &str| {
+        sales(&server, tag, "60").replace(
+            &format!("targets = {}", server.jid("alice")),
+            &format!("targets = {}, {}", server.jid("alice"), server.jid("bob")),
+        )
+    };
+    let steps = |me: &str, agent: &str, other: &str, reply: &str, action: &str| {
+        prelude("", &format!("555000{}", me.len()), 15)
+            + &format!(
+                "im alice receives a{me}: {me} call from*\nim bob receives b{me}: {me} call from*\n\
+                 signal: {me}-popped\nawait: {other}-popped\n\
+                 im {agent} says: {reply}\n\
+                 im {agent} receives: Several calls popped you*\n\
+                 signal: {me}-bare\nawait: {other}-bare\n\
+                 no-command: 300ms\nvar-unset: POPIVR_ACTION\n\
+                 im {agent} replies {p}{me}: {reply}\n\
+                 expect: V,POPIVR_ACTION={action},POPIVR_REPLY={reply},*\nexpect: E,*\n\
+                 exits-within: 2s\n",
+                p = &agent[..1],
+            )
+    };
+    let one = script(
+        "one",
+        &both("One"),
+        steps("One", "alice", "Second", "1", "desk"),
+    );
+    let two = script(
+        "two",
+        &both("Second"),
+        steps("Second", "bob", "One", "2", "voicemail"),
+    );
+    all_pass(vec![one, two], &desk).await;
     desk.close().await;
 }
 
