@@ -418,6 +418,12 @@ async fn agent(server: &Prosody, name: &str) -> TestAgent {
 
 /// The next pop (`Call n=K`) an agent gets: (K, the call's thread).
 async fn next_pop(agent: &mut TestAgent) -> (u32, String) {
+    let (n, thread, _) = next_pop_from(agent).await;
+    (n, thread)
+}
+
+/// The next pop, with the full JID that sent it.
+async fn next_pop_from(agent: &mut TestAgent) -> (u32, String, String) {
     let m = agent
         .expect_message(|m| body(m).is_some_and(|b| b.starts_with("Call n=") && !b.contains(':')))
         .await;
@@ -428,7 +434,8 @@ async fn next_pop(agent: &mut TestAgent) -> (u32, String) {
         .expect("a pop carries its call's thread")
         .id
         .clone();
-    (n, thread)
+    let from = m.from.as_ref().expect("a sender").to_string();
+    (n, thread, from)
 }
 
 async fn expect_text(agent: &mut TestAgent, pred: impl Fn(&str) -> bool) -> String {
@@ -484,6 +491,51 @@ async fn two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread() 
         text,
         format!("Call #{thread_two} was already handled: sent to sales.")
     );
+}
+
+/// Three calls wait for alice in serve mode. Once they overlapped, a
+/// reply without tag or thread moves none of them, even when only one is
+/// still waiting (she may be answering a pop that was decided meanwhile),
+/// whether sent to the bare JID or to the daemon's full JID; she is asked
+/// each time. A call that pops her after the others were decided takes
+/// her plain reply again.
+#[tokio::test]
+async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over() {
+    let (_server, _dir, daemon, mut alice, pbx) = one_agent().await;
+    let mut calls = Vec::new();
+    let mut threads = Vec::new();
+    let mut daemon_jid = String::new();
+    for n in 1..=3 {
+        let mut sim = Sim::start(daemon.call(&format!("pop,n={n}"))).unwrap();
+        expect_start(&mut sim).await;
+        let (_, thread, from) = next_pop_from(&mut alice).await;
+        threads.push(thread);
+        daemon_jid = from;
+        calls.push(sim);
+    }
+    alice.send_chat(&pbx, &format!("#{} 1", threads[0])).await;
+    expect_action(&mut calls[0], "desk").await;
+    alice
+        .send(TestMessage::chat(&pbx, "2").thread(&threads[1]))
+        .await;
+    expect_action(&mut calls[1], "sales").await;
+    expect_text(&mut alice, |b| b == "Call n=1: sent to desk").await;
+    expect_text(&mut alice, |b| b == "Call n=2: sent to sales").await;
+    // Only call 3 waits now, but alice saw three pops at once.
+    for to in [pbx.as_str(), daemon_jid.as_str()] {
+        alice.send_chat(to, "2").await;
+        let text = expect_text(&mut alice, |b| b.starts_with("Other calls popped you")).await;
+        assert!(text.contains(&format!("\"#{} 1\"", threads[2])), "{text}");
+        still_waiting(&mut calls[2], Duration::from_millis(300)).await;
+    }
+    alice.send_chat(&pbx, &format!("#{} 2", threads[2])).await;
+    expect_action(&mut calls[2], "sales").await;
+    // A fresh call, no rival since its pop: a plain reply is its.
+    let mut four = Sim::start(daemon.call("pop,n=4")).unwrap();
+    expect_start(&mut four).await;
+    next_pop(&mut alice).await;
+    alice.send_chat(&pbx, "1").await;
+    expect_action(&mut four, "desk").await;
 }
 
 #[tokio::test]
