@@ -576,12 +576,7 @@ async fn a_second_device_steers_once() {
     let server = desk_server();
     let mut alice = TestAgent::login(&server, "alice", ALICE_PW).await;
     subscribe(&server, &mut alice).await;
-    alice
-        .send_raw(
-            "<iq xmlns='jabber:client' type='set' id='carbons-on'>\
-             <enable xmlns='urn:xmpp:carbons:2'/></iq>",
-        )
-        .await;
+    alice.enable_carbons().await;
     let phone_jid = format!("{}/phone", server.jid("alice"));
     let phone = TestAgent::login_as(&server, &phone_jid, ALICE_PW).await;
     let desk = Desk::new(server.jid("pbx"), vec![("alice", alice), ("phone", phone)]);

@@ -538,6 +538,35 @@ async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over() {
     expect_action(&mut four, "desk").await;
 }
 
+/// alice on two devices, carbons on at her desk: the pop reaches both,
+/// her phone answers the daemon's full JID in the pop's thread, the call
+/// moves, and the desk gets the carbon of the answer (which is never a
+/// reply of its own).
+#[tokio::test]
+async fn a_second_device_answers_in_serve_mode() {
+    let (server, _dir, daemon, mut alice, _pbx) = one_agent().await;
+    alice.enable_carbons().await;
+    let phone_jid = format!("{}/phone", server.jid("alice"));
+    let mut phone = TestAgent::login_as(&server, &phone_jid, AGENT_PW).await;
+    let mut one = Sim::start(daemon.call("pop,n=1")).unwrap();
+    expect_start(&mut one).await;
+    let (_, thread, from) = next_pop_from(&mut phone).await;
+    next_pop(&mut alice).await;
+    phone
+        .send(TestMessage::chat(&from, "2").thread(&thread))
+        .await;
+    expect_action(&mut one, "sales").await;
+    assert_eq!(one.var("POPIVR_REPLY").as_deref(), Some("2"));
+    alice
+        .expect_message(|m| {
+            m.payloads
+                .iter()
+                .any(|p| p.is("sent", "urn:xmpp:carbons:2"))
+        })
+        .await;
+    expect_text(&mut phone, |b| b == "Call n=1: sent to sales").await;
+}
+
 #[tokio::test]
 async fn an_ambiguous_reply_gets_a_question_and_no_call_moves() {
     let (_server, _dir, daemon, mut alice, pbx) = one_agent().await;

@@ -209,6 +209,16 @@ impl TestAgent {
             .unwrap_or_else(|| panic!("{}: no matching message within {WAIT:?}", self.jid))
     }
 
+    /// Ask the server for XEP-0280 carbons: copies of what our other
+    /// devices send and receive.
+    pub async fn enable_carbons(&mut self) {
+        self.send_raw(
+            "<iq xmlns='jabber:client' type='set' id='carbons-on'>\
+             <enable xmlns='urn:xmpp:carbons:2'/></iq>",
+        )
+        .await;
+    }
+
     /// Log out cleanly.
     pub async fn close(self) {
         let _ = tokio::time::timeout(WAIT, self.client.send_end()).await;
