@@ -66,6 +66,9 @@ pub enum XmppError {
     /// The server rejected our credentials; the string is the SASL condition
     /// (`not-authorized`) or what kept us from trying.
     Auth(String),
+    /// SCRAM channel binding failed: the server saw another TLS channel
+    /// than ours, or cannot check tls-exporter (not a password problem).
+    ChannelBinding(String),
     /// Resource binding failed.
     Bind(String),
     /// The server sent a stream error (`host-unknown`, `conflict` …).
@@ -90,6 +93,7 @@ impl fmt::Display for XmppError {
             XmppError::NoStartTls => f.write_str("TLS: server does not offer STARTTLS"),
             XmppError::Tls(s) => write!(f, "TLS: {s}"),
             XmppError::Auth(s) => write!(f, "auth failed: {s}"),
+            XmppError::ChannelBinding(s) => write!(f, "auth failed: channel binding refused: {s}"),
             XmppError::Bind(s) => write!(f, "bind failed: {s}"),
             XmppError::Stream(s) => write!(f, "stream error: {s}"),
             XmppError::Io { phase, reason } => write!(f, "{reason} (during {phase})"),

@@ -110,6 +110,9 @@ pub(crate) async fn run(
         conn.mechanism,
         conn.timings
     );
+    if let Some(why) = conn.unbound {
+        log::debug!("xmpp: no channel binding: {why}");
+    }
     let Connection {
         mut stream, jid, ..
     } = conn;
