@@ -113,3 +113,36 @@ async fn ejabberd_runs_without_distribution_and_leaves_nothing() {
     assert_eq!(unsafe { libc::kill(-pid, 0) }, -1, "process group left");
     assert!(!dir.exists(), "{} left", dir.display());
 }
+
+/// The README's ejabberd settings for popivr's account (a higher session
+/// limit, no shaper) are valid ejabberd config and apply to that account
+/// only.
+#[tokio::test]
+async fn ejabberd_readme_settings_exempt_popivr_only() {
+    use popivr::testbed::Ejabberd;
+    let server = Ejabberd::builder()
+        .config_line(
+            "acl:\n  admin:\n     user:\n       - \"\"\n  local:\n    user_regexp: \"\"\n  \
+             loopback:\n    ip:\n      - 127.0.0.0/8\n      - ::1/128\n  \
+             pbx_acl: {user: {pbx: popivr.test}}",
+        )
+        .config_line(
+            "shaper_rules:\n  max_user_sessions: {100: pbx_acl, 10: all}\n  \
+             max_user_offline_messages:\n    5000: admin\n    100: all\n  \
+             c2s_shaper: [{none: admin}, {none: pbx_acl}, {normal: all}]\n  s2s_shaper: fast",
+        )
+        .start();
+    let rule = |rule: &str, user: &str| {
+        server
+            .eval(&format!(
+                "ejabberd_shaper:match(<<\"popivr.test\">>, {rule}, \
+                 jid:make(<<\"{user}\">>, <<\"popivr.test\">>))."
+            ))
+            .unwrap()
+    };
+    assert_eq!(rule("max_user_sessions", "pbx"), "100");
+    assert_eq!(rule("max_user_sessions", "alice"), "10");
+    assert_eq!(rule("c2s_shaper", "pbx"), "none");
+    // `normal`, resolved to its rate and burst size.
+    assert_eq!(rule("c2s_shaper", "alice"), "{3000,20000}");
+}

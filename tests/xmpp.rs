@@ -268,6 +268,42 @@ async fn wrong_password_on_ejabberd_is_one_fail2ban_strike() {
     assert!(table.starts_with("[{{127,0,0,1},1,"), "{table}");
 }
 
+/// ejabberd's stock `max_user_sessions: 10`: the eleventh login of the
+/// account replaces the oldest session (stream error `conflict`). The
+/// session that lost says so, with the cause and the fix, not just
+/// "stream error: conflict".
+#[tokio::test]
+async fn a_session_replaced_on_ejabberd_names_the_session_limit() {
+    let server = ejabberd();
+    let account = server.account("pbx", PBX_PW);
+    let mut oldest = online(&account).await;
+    let mut others = Vec::new();
+    for _ in 0..10 {
+        others.push(xmpp::login(&account).await.expect("login"));
+    }
+    let cause = loop {
+        match timeout(WAIT, oldest.recv()).await {
+            Ok(Some(XmppEvent::Status(XmppStatus::Failed(cause)))) => break cause,
+            Ok(Some(XmppEvent::Status(s))) => panic!("unexpected status {s:?}"),
+            Ok(Some(_)) => continue,
+            other => panic!("the oldest session was not replaced: {other:?}"),
+        }
+    };
+    assert!(
+        cause.starts_with("stream error: conflict (\"Replaced by new connection\")"),
+        "{cause}"
+    );
+    assert!(cause.contains("max_user_sessions"), "{cause}");
+    assert!(cause.contains("popivr serve"), "{cause}");
+    // The server's own count settles at its limit.
+    let deadline = Instant::now() + WAIT;
+    while server.session_count("pbx").unwrap() != 10 {
+        assert!(Instant::now() < deadline, "sessions never settled at 10");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(others);
+}
+
 #[tokio::test]
 async fn wrong_password_fails_auth() {
     let server = server();

@@ -579,7 +579,7 @@ async fn recv_features<S: AsyncBufRead + AsyncWrite + Unpin>(
 ) -> Result<(StreamFeatures, XmlStream<S, FallibleStreamElement>), XmppError> {
     pending.recv_features().await.map_err(|e| match e {
         RecvFeaturesError::Io(e) => io_error(phase, &e),
-        RecvFeaturesError::StreamError(e) => XmppError::Stream(e.0.to_string()),
+        RecvFeaturesError::StreamError(e) => super::error::stream_error(&e.0),
     })
 }
 
@@ -599,7 +599,7 @@ async fn next_element<S: AsyncBufRead + AsyncWrite + Unpin>(
     loop {
         match stream.next().await {
             Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
-                return Err(XmppError::Stream(e.0.to_string()));
+                return Err(super::error::stream_error(&e.0));
             }
             Some(Ok(FallibleStreamElement::Ok(el))) => return Ok(el),
             Some(Ok(FallibleStreamElement::Err(e))) => {
