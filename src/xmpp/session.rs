@@ -112,6 +112,9 @@ pub(crate) async fn run(
         conn.mechanism,
         conn.timings
     );
+    if let Some(why) = conn.unbound {
+        log::debug!("xmpp: no channel binding: {why}");
+    }
     let Connection {
         mut stream, jid, ..
     } = conn;
@@ -337,7 +340,7 @@ async fn on_element(
             answer_iq(stream, iq).await.map_err(lost)?;
             Ok(None)
         }
-        XmppStreamElement::StreamError(e) => Err(End::Failed(XmppError::Stream(e.0.to_string()))),
+        XmppStreamElement::StreamError(e) => Err(End::Failed(super::error::stream_error(&e.0))),
         other => {
             log::debug!("xmpp: ignoring unexpected stream element {other:?}");
             Ok(None)
