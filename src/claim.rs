@@ -195,7 +195,11 @@ impl Claims {
         if self.waiting && !self.contested.contains(&from) {
             return Claim::Mine(msg);
         }
-        if !to_me && self.siblings.values().any(|s| s.takes(&from)) {
+        // Another call may take it only when ours is decided: while ours
+        // waits, the other one knew of our pop before the agent could
+        // answer both (our announcement came first), so it is contested
+        // too, even if its saying so has not reached us yet.
+        if !self.waiting && !to_me && self.siblings.values().any(|s| s.takes(&from)) {
             return Claim::Ignore("another session's call takes it");
         }
         let others_wait = self

@@ -202,6 +202,25 @@ fn a_late_announcement_contests_the_earlier_call() {
     assert_eq!(first.sibling("pbx@example.org/b", true, Some(&other)), None);
 }
 
+/// Both calls wait for alice; ours has not yet heard that the other is
+/// contested too (its saying so is on the way). The other cannot take the
+/// reply (it knew of our pop before alice could answer both), so ours,
+/// the elected one, must tell her: silence would leave her guessing.
+#[test]
+fn a_stale_view_of_the_other_call_does_not_silence_the_notice() {
+    let mut ours = Claims::new("aaaaaa01");
+    let pop = OutgoingMessage::chat(ALICE, "pop", Some("aaaaaa01".into()));
+    ours.sending(&pop);
+    let stale = Announcement {
+        call: "bbbbbb02".into(),
+        waiting: true,
+        agents: vec![ALICE.into()],
+        contested: vec![],
+    };
+    ours.sibling("pbx@example.org/b", true, Some(&stale));
+    assert!(matches!(ours.claim(reply(ALICE, "1")), Claim::Answer(_)));
+}
+
 /// alice answers a finished call's pop: to its full JID (the server hands
 /// it to the sessions left, `to` unchanged) or in its thread. No call
 /// takes it; one tells her.
