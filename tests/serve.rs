@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use popivr::sim::{EndReason, Next, Sim, SimConfig};
+use popivr::testbed::{Ejabberd, Server};
 use support::{Prosody, TestAgent, TestMessage, body};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xmpp_parsers::message::Message;
@@ -374,7 +375,7 @@ const PBX_PW: &str = "pbx-secret-1";
 const AGENT_PW: &str = "agent-secret-1";
 
 /// The account, then the profiles.
-fn xmpp_config(server: &Prosody, profiles: &str) -> String {
+fn xmpp_config(server: &dyn Server, profiles: &str) -> String {
     format!(
         "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {}\nusername = {}\n\
          secret = {PBX_PW}\nca_file = {}\n\n{profiles}",
@@ -406,7 +407,7 @@ fn server_with(agents: &[&str]) -> Prosody {
 
 /// `name` at their desk. Pops go to available agents only, so they
 /// accept popivr's presence subscription (asked once, kept by the server).
-async fn agent(server: &Prosody, name: &str) -> TestAgent {
+async fn agent(server: &dyn Server, name: &str) -> TestAgent {
     let mut agent = TestAgent::login(server, name, AGENT_PW).await;
     let pbx = server.jid("pbx");
     assert!(
@@ -443,22 +444,52 @@ async fn expect_text(agent: &mut TestAgent, pred: impl Fn(&str) -> bool) -> Stri
     body(&m).unwrap().to_string()
 }
 
-/// A server with alice, a daemon whose profile `pop` pops her, and alice
-/// logged in; the last is popivr's own JID.
-async fn one_agent() -> (Prosody, tempfile::TempDir, Daemon, TestAgent, String) {
-    let server = server_with(&["alice"]);
+/// Which throw-away server a test of agents' replies runs against.
+#[derive(Clone, Copy)]
+enum On {
+    Prosody,
+    Ejabberd,
+}
+
+async fn one_agent_on(
+    on: On,
+) -> (
+    Box<dyn Server>,
+    tempfile::TempDir,
+    Daemon,
+    TestAgent,
+    String,
+) {
+    let server: Box<dyn Server> = match on {
+        On::Prosody => Box::new(server_with(&["alice"])),
+        On::Ejabberd => Box::new(
+            Ejabberd::builder()
+                .user("pbx", PBX_PW)
+                .user("alice", AGENT_PW)
+                .start(),
+        ),
+    };
     let dir = tempfile::tempdir().unwrap();
-    let conf = xmpp_config(&server, &pop_profile("pop", &server.jid("alice"), 600));
+    let conf = xmpp_config(&*server, &pop_profile("pop", &server.jid("alice"), 600));
     let daemon = Daemon::start(&write_config(dir.path(), &conf), &[]);
     daemon.wait_log(&["online as"]).await;
-    let alice = agent(&server, "alice").await;
+    let alice = agent(&*server, "alice").await;
     let pbx = server.jid("pbx");
     (server, dir, daemon, alice, pbx)
 }
 
 #[tokio::test]
 async fn two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread() {
-    let (_server, _dir, daemon, mut alice, pbx) = one_agent().await;
+    two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread_on(On::Prosody).await;
+}
+
+#[tokio::test]
+async fn two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread_on_ejabberd() {
+    two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread_on(On::Ejabberd).await;
+}
+
+async fn two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread_on(on: On) {
+    let (_server, _dir, daemon, mut alice, pbx) = one_agent_on(on).await;
 
     let mut one = Sim::start(daemon.call("pop,n=1")).unwrap();
     expect_start(&mut one).await;
@@ -501,7 +532,16 @@ async fn two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread() 
 /// her plain reply again.
 #[tokio::test]
 async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over() {
-    let (_server, _dir, daemon, mut alice, pbx) = one_agent().await;
+    overlapping_calls_need_a_tag_or_thread_until_they_are_over_on(On::Prosody).await;
+}
+
+#[tokio::test]
+async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over_on_ejabberd() {
+    overlapping_calls_need_a_tag_or_thread_until_they_are_over_on(On::Ejabberd).await;
+}
+
+async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over_on(on: On) {
+    let (_server, _dir, daemon, mut alice, pbx) = one_agent_on(on).await;
     let mut calls = Vec::new();
     let mut threads = Vec::new();
     let mut daemon_jid = String::new();
@@ -544,10 +584,19 @@ async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over() {
 /// reply of its own).
 #[tokio::test]
 async fn a_second_device_answers_in_serve_mode() {
-    let (server, _dir, daemon, mut alice, _pbx) = one_agent().await;
+    a_second_device_answers_in_serve_mode_on(On::Prosody).await;
+}
+
+#[tokio::test]
+async fn a_second_device_answers_in_serve_mode_on_ejabberd() {
+    a_second_device_answers_in_serve_mode_on(On::Ejabberd).await;
+}
+
+async fn a_second_device_answers_in_serve_mode_on(on: On) {
+    let (server, _dir, daemon, mut alice, _pbx) = one_agent_on(on).await;
     alice.enable_carbons().await;
     let phone_jid = format!("{}/phone", server.jid("alice"));
-    let mut phone = TestAgent::login_as(&server, &phone_jid, AGENT_PW).await;
+    let mut phone = TestAgent::login_as(&*server, &phone_jid, AGENT_PW).await;
     let mut one = Sim::start(daemon.call("pop,n=1")).unwrap();
     expect_start(&mut one).await;
     let (_, thread, from) = next_pop_from(&mut phone).await;
@@ -569,7 +618,16 @@ async fn a_second_device_answers_in_serve_mode() {
 
 #[tokio::test]
 async fn an_ambiguous_reply_gets_a_question_and_no_call_moves() {
-    let (_server, _dir, daemon, mut alice, pbx) = one_agent().await;
+    an_ambiguous_reply_gets_a_question_and_no_call_moves_on(On::Prosody).await;
+}
+
+#[tokio::test]
+async fn an_ambiguous_reply_gets_a_question_and_no_call_moves_on_ejabberd() {
+    an_ambiguous_reply_gets_a_question_and_no_call_moves_on(On::Ejabberd).await;
+}
+
+async fn an_ambiguous_reply_gets_a_question_and_no_call_moves_on(on: On) {
+    let (_server, _dir, daemon, mut alice, pbx) = one_agent_on(on).await;
 
     let mut calls = Vec::new();
     let mut threads = Vec::new();
