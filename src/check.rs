@@ -113,10 +113,15 @@ fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize)> {
             false => "PLAINTEXT",
         };
         match rt.block_on(popivr::xmpp::login(account)) {
-            Ok(conn) => println!(
-                "account [{name}]: logged in as {} via {server}:{} ({transport}, {}) in {}",
-                conn.jid, account.port, conn.mechanism, conn.timings
-            ),
+            Ok(conn) => {
+                println!(
+                    "account [{name}]: logged in as {} via {server}:{} ({transport}, {}) in {}",
+                    conn.jid, account.port, conn.mechanism, conn.timings
+                );
+                if let Some(why) = conn.unbound.filter(|_| account.usetls) {
+                    println!("account [{name}]: note: no channel binding: {why}");
+                }
+            }
             Err(e) => {
                 failed += 1;
                 println!(

@@ -1,6 +1,7 @@
 //! popivr: interactive screen pops for Asterisk's ExternalIVR over XMPP.
 
 pub mod call;
+pub mod claim;
 pub mod config;
 pub mod eivr;
 pub mod forward;

@@ -18,7 +18,8 @@ use tokio::io::{AsyncBufRead, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
-use crate::call::{Call, IncomingMessage, Input, OutgoingMessage, Output, TimerId};
+use crate::call::{Call, Input, OutgoingMessage, Output, Show, TimerId};
+use crate::claim::{Claim, Claims};
 use crate::config::{Account, Agent, Config, Profile};
 use crate::eivr::{self, Answers, CommandWriter, EventLine, LineReader};
 use crate::logging::Logger;
@@ -55,10 +56,11 @@ pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
     spawn_signal_watch(stop);
     let events = LineReader::new(BufReader::new(tokio::io::stdin()));
     let link = OwnSession {
+        status: account.as_ref().and_then(|a| a.statusmessage.clone()),
         account,
         options,
         session: None,
-        call: id,
+        claims: Claims::new(&id),
         log: log.clone(),
     };
     let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
@@ -348,14 +350,24 @@ async fn sleep(at: Option<Instant>) {
 }
 
 /// The per-call link: a session of the call's own, started when the core
-/// says `Connect`.
+/// says `Connect`. It hands the call only the replies that are the
+/// call's ([`Claims`]).
 struct OwnSession {
     account: Option<Account>,
+    /// The account's status text, for the presence that announces the call.
+    status: Option<String>,
     options: xmpp::SessionOptions,
     session: Option<xmpp::Session>,
-    /// The call's id, the thread of its pops.
-    call: String,
+    claims: Claims,
     log: Logger,
+}
+
+impl OwnSession {
+    fn announce(&self, a: Option<crate::call::Announcement>) {
+        if let (Some(a), Some(session)) = (a, &self.session) {
+            session.announce(self.status.clone(), a);
+        }
+    }
 }
 
 impl Link for OwnSession {
@@ -370,10 +382,20 @@ impl Link for OwnSession {
     }
 
     fn send(&mut self, msg: OutgoingMessage, log: &Logger) {
+        // The announcement goes first: every other session of the account
+        // knows of this pop before the agent can answer it.
+        let first = self.claims.sending(&msg);
+        self.announce(first);
         match &self.session {
             Some(session) => session.send(msg),
             None => log.warn(&format!("IM to {} not sent: no XMPP session", msg.to)),
         }
+    }
+
+    fn decided(&mut self, _outcome: &str) {
+        // After the call's last words to its agents, never before.
+        let now = self.claims.decided();
+        self.announce(now);
     }
 
     async fn recv(&mut self) -> Input {
@@ -381,19 +403,36 @@ impl Link for OwnSession {
             let Some(session) = &mut self.session else {
                 return std::future::pending().await;
             };
-            match session.recv().await {
-                Some(event) => match event.into_input() {
-                    Some(Input::Message(m)) if answers_another_call(&m, &self.call) => {
-                        self.log.debug(&format!(
-                            "message from {} ignored: it answers another call's pop",
-                            m.from_full
-                        ));
-                    }
-                    Some(input) => return input,
-                    None => {}
-                },
+            let Some(event) = session.recv().await else {
                 // The session task is gone: stop polling it.
-                None => self.session = None,
+                self.session = None;
+                continue;
+            };
+            match event.into_input() {
+                Some(Input::Presence(p)) if p.sibling.is_some() => {
+                    let online = p.show != Show::Unavailable;
+                    let said = p.sibling.flatten();
+                    let again = self.claims.sibling(&p.from_full, online, said.as_ref());
+                    self.announce(again);
+                }
+                Some(Input::Message(m)) => {
+                    let from = m.from_full.clone();
+                    match self.claims.claim(m) {
+                        Claim::Mine(m) => return Input::Message(m),
+                        Claim::Answer(notice) => {
+                            self.log.info(&format!(
+                                "reply from {from} taken by no call: told them how to answer"
+                            ));
+                            self.send(notice, &self.log.clone());
+                        }
+                        Claim::Ignore(why) => {
+                            self.log
+                                .debug(&format!("message from {from} ignored: {why}"));
+                        }
+                    }
+                }
+                Some(input) => return input,
+                None => {}
             }
         }
     }
@@ -422,20 +461,6 @@ fn spawn_signal_watch(control: watch::Sender<Control>) {
         };
         let _ = control.send(Control::Stop(why));
     });
-}
-
-/// Whether `msg` is in the thread of another call's pop: every call logs in
-/// with the same account, and the server hands an answer to the old pop's
-/// full JID, or to the bare JID, to this call's session too. Only a thread
-/// that popivr made ([`call_id`]'s shape) counts; a client that makes up
-/// threads of its own, or sends none, is heard.
-fn answers_another_call(msg: &IncomingMessage, call: &str) -> bool {
-    msg.thread.as_deref().is_some_and(|t| {
-        t != call
-            && (6..=16).contains(&t.len())
-            && t.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
 }
 
 /// A short, unique-enough id: names the call in logs and threads its pop.

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use popivr::sim::{EndReason, Next, Sim, SimConfig};
+use popivr::testbed::{Ejabberd, Server};
 use support::{Prosody, TestAgent, TestMessage, body};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xmpp_parsers::message::Message;
@@ -374,7 +375,7 @@ const PBX_PW: &str = "pbx-secret-1";
 const AGENT_PW: &str = "agent-secret-1";
 
 /// The account, then the profiles.
-fn xmpp_config(server: &Prosody, profiles: &str) -> String {
+fn xmpp_config(server: &dyn Server, profiles: &str) -> String {
     format!(
         "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {}\nusername = {}\n\
          secret = {PBX_PW}\nca_file = {}\n\n{profiles}",
@@ -406,7 +407,7 @@ fn server_with(agents: &[&str]) -> Prosody {
 
 /// `name` at their desk. Pops go to available agents only, so they
 /// accept popivr's presence subscription (asked once, kept by the server).
-async fn agent(server: &Prosody, name: &str) -> TestAgent {
+async fn agent(server: &dyn Server, name: &str) -> TestAgent {
     let mut agent = TestAgent::login(server, name, AGENT_PW).await;
     let pbx = server.jid("pbx");
     assert!(
@@ -418,6 +419,12 @@ async fn agent(server: &Prosody, name: &str) -> TestAgent {
 
 /// The next pop (`Call n=K`) an agent gets: (K, the call's thread).
 async fn next_pop(agent: &mut TestAgent) -> (u32, String) {
+    let (n, thread, _) = next_pop_from(agent).await;
+    (n, thread)
+}
+
+/// The next pop, with the full JID that sent it.
+async fn next_pop_from(agent: &mut TestAgent) -> (u32, String, String) {
     let m = agent
         .expect_message(|m| body(m).is_some_and(|b| b.starts_with("Call n=") && !b.contains(':')))
         .await;
@@ -428,7 +435,8 @@ async fn next_pop(agent: &mut TestAgent) -> (u32, String) {
         .expect("a pop carries its call's thread")
         .id
         .clone();
-    (n, thread)
+    let from = m.from.as_ref().expect("a sender").to_string();
+    (n, thread, from)
 }
 
 async fn expect_text(agent: &mut TestAgent, pred: impl Fn(&str) -> bool) -> String {
@@ -436,22 +444,52 @@ async fn expect_text(agent: &mut TestAgent, pred: impl Fn(&str) -> bool) -> Stri
     body(&m).unwrap().to_string()
 }
 
-/// A server with alice, a daemon whose profile `pop` pops her, and alice
-/// logged in; the last is popivr's own JID.
-async fn one_agent() -> (Prosody, tempfile::TempDir, Daemon, TestAgent, String) {
-    let server = server_with(&["alice"]);
+/// Which throw-away server a test of agents' replies runs against.
+#[derive(Clone, Copy)]
+enum On {
+    Prosody,
+    Ejabberd,
+}
+
+async fn one_agent_on(
+    on: On,
+) -> (
+    Box<dyn Server>,
+    tempfile::TempDir,
+    Daemon,
+    TestAgent,
+    String,
+) {
+    let server: Box<dyn Server> = match on {
+        On::Prosody => Box::new(server_with(&["alice"])),
+        On::Ejabberd => Box::new(
+            Ejabberd::builder()
+                .user("pbx", PBX_PW)
+                .user("alice", AGENT_PW)
+                .start(),
+        ),
+    };
     let dir = tempfile::tempdir().unwrap();
-    let conf = xmpp_config(&server, &pop_profile("pop", &server.jid("alice"), 600));
+    let conf = xmpp_config(&*server, &pop_profile("pop", &server.jid("alice"), 600));
     let daemon = Daemon::start(&write_config(dir.path(), &conf), &[]);
     daemon.wait_log(&["online as"]).await;
-    let alice = agent(&server, "alice").await;
+    let alice = agent(&*server, "alice").await;
     let pbx = server.jid("pbx");
     (server, dir, daemon, alice, pbx)
 }
 
 #[tokio::test]
 async fn two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread() {
-    let (_server, _dir, daemon, mut alice, pbx) = one_agent().await;
+    two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread_on(On::Prosody).await;
+}
+
+#[tokio::test]
+async fn two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread_on_ejabberd() {
+    two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread_on(On::Ejabberd).await;
+}
+
+async fn two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread_on(on: On) {
+    let (_server, _dir, daemon, mut alice, pbx) = one_agent_on(on).await;
 
     let mut one = Sim::start(daemon.call("pop,n=1")).unwrap();
     expect_start(&mut one).await;
@@ -486,9 +524,110 @@ async fn two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread() 
     );
 }
 
+/// Three calls wait for alice in serve mode. Once they overlapped, a
+/// reply without tag or thread moves none of them, even when only one is
+/// still waiting (she may be answering a pop that was decided meanwhile),
+/// whether sent to the bare JID or to the daemon's full JID; she is asked
+/// each time. A call that pops her after the others were decided takes
+/// her plain reply again.
+#[tokio::test]
+async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over() {
+    overlapping_calls_need_a_tag_or_thread_until_they_are_over_on(On::Prosody).await;
+}
+
+#[tokio::test]
+async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over_on_ejabberd() {
+    overlapping_calls_need_a_tag_or_thread_until_they_are_over_on(On::Ejabberd).await;
+}
+
+async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over_on(on: On) {
+    let (_server, _dir, daemon, mut alice, pbx) = one_agent_on(on).await;
+    let mut calls = Vec::new();
+    let mut threads = Vec::new();
+    let mut daemon_jid = String::new();
+    for n in 1..=3 {
+        let mut sim = Sim::start(daemon.call(&format!("pop,n={n}"))).unwrap();
+        expect_start(&mut sim).await;
+        let (_, thread, from) = next_pop_from(&mut alice).await;
+        threads.push(thread);
+        daemon_jid = from;
+        calls.push(sim);
+    }
+    alice.send_chat(&pbx, &format!("#{} 1", threads[0])).await;
+    expect_action(&mut calls[0], "desk").await;
+    alice
+        .send(TestMessage::chat(&pbx, "2").thread(&threads[1]))
+        .await;
+    expect_action(&mut calls[1], "sales").await;
+    expect_text(&mut alice, |b| b == "Call n=1: sent to desk").await;
+    expect_text(&mut alice, |b| b == "Call n=2: sent to sales").await;
+    // Only call 3 waits now, but alice saw three pops at once.
+    for to in [pbx.as_str(), daemon_jid.as_str()] {
+        alice.send_chat(to, "2").await;
+        let text = expect_text(&mut alice, |b| b.starts_with("Other calls popped you")).await;
+        assert!(text.contains(&format!("\"#{} 1\"", threads[2])), "{text}");
+        still_waiting(&mut calls[2], Duration::from_millis(300)).await;
+    }
+    alice.send_chat(&pbx, &format!("#{} 2", threads[2])).await;
+    expect_action(&mut calls[2], "sales").await;
+    // A fresh call, no rival since its pop: a plain reply is its.
+    let mut four = Sim::start(daemon.call("pop,n=4")).unwrap();
+    expect_start(&mut four).await;
+    next_pop(&mut alice).await;
+    alice.send_chat(&pbx, "1").await;
+    expect_action(&mut four, "desk").await;
+}
+
+/// alice on two devices, carbons on at her desk: the pop reaches both,
+/// her phone answers the daemon's full JID in the pop's thread, the call
+/// moves, and the desk gets the carbon of the answer (which is never a
+/// reply of its own).
+#[tokio::test]
+async fn a_second_device_answers_in_serve_mode() {
+    a_second_device_answers_in_serve_mode_on(On::Prosody).await;
+}
+
+#[tokio::test]
+async fn a_second_device_answers_in_serve_mode_on_ejabberd() {
+    a_second_device_answers_in_serve_mode_on(On::Ejabberd).await;
+}
+
+async fn a_second_device_answers_in_serve_mode_on(on: On) {
+    let (server, _dir, daemon, mut alice, _pbx) = one_agent_on(on).await;
+    alice.enable_carbons().await;
+    let phone_jid = format!("{}/phone", server.jid("alice"));
+    let mut phone = TestAgent::login_as(&*server, &phone_jid, AGENT_PW).await;
+    let mut one = Sim::start(daemon.call("pop,n=1")).unwrap();
+    expect_start(&mut one).await;
+    let (_, thread, from) = next_pop_from(&mut phone).await;
+    next_pop(&mut alice).await;
+    phone
+        .send(TestMessage::chat(&from, "2").thread(&thread))
+        .await;
+    expect_action(&mut one, "sales").await;
+    assert_eq!(one.var("POPIVR_REPLY").as_deref(), Some("2"));
+    alice
+        .expect_message(|m| {
+            m.payloads
+                .iter()
+                .any(|p| p.is("sent", "urn:xmpp:carbons:2"))
+        })
+        .await;
+    expect_text(&mut phone, |b| b == "Call n=1: sent to sales").await;
+}
+
 #[tokio::test]
 async fn an_ambiguous_reply_gets_a_question_and_no_call_moves() {
-    let (_server, _dir, daemon, mut alice, pbx) = one_agent().await;
+    an_ambiguous_reply_gets_a_question_and_no_call_moves_on(On::Prosody).await;
+}
+
+#[tokio::test]
+async fn an_ambiguous_reply_gets_a_question_and_no_call_moves_on_ejabberd() {
+    an_ambiguous_reply_gets_a_question_and_no_call_moves_on(On::Ejabberd).await;
+}
+
+async fn an_ambiguous_reply_gets_a_question_and_no_call_moves_on(on: On) {
+    let (_server, _dir, daemon, mut alice, pbx) = one_agent_on(on).await;
 
     let mut calls = Vec::new();
     let mut threads = Vec::new();

@@ -71,3 +71,78 @@ async fn a_second_host_serves_its_own_users() {
         .expect("bob on the second host");
     assert!(xmpp::login(&server.account("bob", PW)).await.is_err());
 }
+
+/// The throw-away ejabberd: starts from Debian's stock config without
+/// Erlang distribution (no epmd, no node name to collide on), registers
+/// users through its stdin, serves an independent client, and leaves
+/// neither processes nor files behind.
+#[tokio::test]
+async fn ejabberd_runs_without_distribution_and_leaves_nothing() {
+    use popivr::testbed::Ejabberd;
+    let server = Ejabberd::builder().user("alice", PW).start();
+    let pid = server.pid().expect("running") as libc::pid_t;
+    let dir = server.scratch_dir().to_path_buf();
+    assert_eq!(server.eval("node().").unwrap(), "nonode@nohost");
+    // The stock defaults are the shipped ones.
+    assert_eq!(
+        server
+            .eval("ejabberd_shaper:match(<<\"popivr.test\">>, max_user_sessions, jid:make(<<\"a\">>, <<\"popivr.test\">>)).")
+            .unwrap(),
+        "10"
+    );
+    assert_eq!(
+        server
+            .eval("gen_mod:is_loaded(<<\"popivr.test\">>, mod_fail2ban).")
+            .unwrap(),
+        "true"
+    );
+    let alice = TestAgent::login(&server, "alice", PW).await;
+    assert_eq!(server.session_count("alice").unwrap(), 1);
+    server.add_user("bob", PW);
+    assert!(server.try_add_user_on("popivr.test", "bob", PW).is_err());
+    let bob = TestAgent::login(&server, "bob", PW).await;
+    alice.close().await;
+    bob.close().await;
+    // No password in anything the server wrote.
+    for file in ["ejabberd.log", "console.log", "ejabberd.yml"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        assert!(!text.contains(PW), "{file} holds the password");
+    }
+    drop(server);
+    // The whole process group is gone, and so is the directory.
+    assert_eq!(unsafe { libc::kill(-pid, 0) }, -1, "process group left");
+    assert!(!dir.exists(), "{} left", dir.display());
+}
+
+/// The README's ejabberd settings for popivr's account (a higher session
+/// limit, no shaper) are valid ejabberd config and apply to that account
+/// only.
+#[tokio::test]
+async fn ejabberd_readme_settings_exempt_popivr_only() {
+    use popivr::testbed::Ejabberd;
+    let server = Ejabberd::builder()
+        .config_line(
+            "acl:\n  admin:\n     user:\n       - \"\"\n  local:\n    user_regexp: \"\"\n  \
+             loopback:\n    ip:\n      - 127.0.0.0/8\n      - ::1/128\n  \
+             pbx_acl: {user: {pbx: popivr.test}}",
+        )
+        .config_line(
+            "shaper_rules:\n  max_user_sessions: {100: pbx_acl, 10: all}\n  \
+             max_user_offline_messages:\n    5000: admin\n    100: all\n  \
+             c2s_shaper: [{none: admin}, {none: pbx_acl}, {normal: all}]\n  s2s_shaper: fast",
+        )
+        .start();
+    let rule = |rule: &str, user: &str| {
+        server
+            .eval(&format!(
+                "ejabberd_shaper:match(<<\"popivr.test\">>, {rule}, \
+                 jid:make(<<\"{user}\">>, <<\"popivr.test\">>))."
+            ))
+            .unwrap()
+    };
+    assert_eq!(rule("max_user_sessions", "pbx"), "100");
+    assert_eq!(rule("max_user_sessions", "alice"), "10");
+    assert_eq!(rule("c2s_shaper", "pbx"), "none");
+    // `normal`, resolved to its rate and burst size.
+    assert_eq!(rule("c2s_shaper", "alice"), "{3000,20000}");
+}

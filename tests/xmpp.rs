@@ -1,12 +1,14 @@
-//! popivr's XMPP session against a real prosody: logins that work and the
-//! ways they fail, messages both ways and how they are taken apart.
+//! popivr's XMPP session against a real prosody (and, where a server's
+//! behaviour differs, a stock ejabberd): logins that work and the ways they
+//! fail, messages both ways and how they are taken apart.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
-use popivr::call::{IncomingMessage, MsgKind, OutgoingMessage};
+use popivr::call::{Addressed, IncomingMessage, MsgKind, OutgoingMessage};
 use popivr::config::Account;
+use popivr::testbed::{Ejabberd, Server};
 use popivr::xmpp::{self, IncomingPresence, Session, Show, XmppEvent, XmppStatus};
 use support::{Prosody, TestAgent, TestCa, TestMessage, WAIT, Wrapper, body, free_port};
 use tokio::time::timeout;
@@ -209,6 +211,99 @@ async fn missing_ca_file_is_named() {
     );
 }
 
+fn ejabberd() -> Ejabberd {
+    Ejabberd::builder()
+        .user("pbx", PBX_PW)
+        .user("alice", ALICE_PW)
+        .start()
+}
+
+/// popivr logs in over verified TLS 1.3 with SCRAM and a working session.
+async fn logs_in(server: &impl Server) -> xmpp::Connection {
+    let conn = xmpp::login(&server.account("pbx", PBX_PW))
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", server.name(), server.log()));
+    assert!(conn.mechanism.starts_with("SCRAM-"), "{}", conn.mechanism);
+    let session = online(&server.account("pbx", PBX_PW)).await;
+    session.close().await;
+    conn
+}
+
+/// Stock ejabberd 23.01 offers SCRAM-SHA-1-PLUS without naming its
+/// channel-binding types and checks tls-unique only; guessing RFC 9266's
+/// tls-exporter failed every login ("Invalid channel binding") and fed
+/// mod_fail2ban. popivr now binds only with an announced type: plain
+/// SCRAM here, nothing for fail2ban to count, and the reason on record.
+#[tokio::test]
+async fn stock_ejabberd_login_works_without_guessing_a_binding_type() {
+    let server = ejabberd();
+    let conn = logs_in(&server).await;
+    assert_eq!(conn.mechanism, "SCRAM-SHA-1");
+    let why = conn.unbound.expect("the reason binding was not used");
+    assert!(why.contains("XEP-0440"), "{why}");
+    assert_eq!(server.eval("ets:tab2list(failed_auth).").unwrap(), "[]");
+    assert!(!server.log().contains("Invalid channel binding"));
+}
+
+/// prosody 0.12 over TLS 1.3 offers no -PLUS: SCRAM with the "y" flag.
+#[tokio::test]
+async fn prosody_login_says_it_could_bind() {
+    let server = server();
+    let conn = logs_in(&server).await;
+    let why = conn.unbound.expect("prosody 0.12 offers no -PLUS");
+    assert!(why.contains("no SCRAM-*-PLUS"), "{why}");
+}
+
+/// A wrong password against ejabberd is one failed login, reported as
+/// such, and exactly one strike for mod_fail2ban (which bans the PBX's
+/// address after 20): popivr never retries.
+#[tokio::test]
+async fn wrong_password_on_ejabberd_is_one_fail2ban_strike() {
+    let server = ejabberd();
+    let cause = failure(&server.account("pbx", "not-the-password")).await;
+    assert_eq!(cause, "auth failed: not-authorized");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // {Address, Failures, UnbanAt, MaxFailures}
+    let table = server.eval("ets:tab2list(failed_auth).").unwrap();
+    assert!(table.starts_with("[{{127,0,0,1},1,"), "{table}");
+}
+
+/// ejabberd's stock `max_user_sessions: 10`: the eleventh login of the
+/// account replaces the oldest session (stream error `conflict`). The
+/// session that lost says so, with the cause and the fix, not just
+/// "stream error: conflict".
+#[tokio::test]
+async fn a_session_replaced_on_ejabberd_names_the_session_limit() {
+    let server = ejabberd();
+    let account = server.account("pbx", PBX_PW);
+    let mut oldest = online(&account).await;
+    let mut others = Vec::new();
+    for _ in 0..10 {
+        others.push(xmpp::login(&account).await.expect("login"));
+    }
+    let cause = loop {
+        match timeout(WAIT, oldest.recv()).await {
+            Ok(Some(XmppEvent::Status(XmppStatus::Failed(cause)))) => break cause,
+            Ok(Some(XmppEvent::Status(s))) => panic!("unexpected status {s:?}"),
+            Ok(Some(_)) => continue,
+            other => panic!("the oldest session was not replaced: {other:?}"),
+        }
+    };
+    assert!(
+        cause.starts_with("stream error: conflict (\"Replaced by new connection\")"),
+        "{cause}"
+    );
+    assert!(cause.contains("max_user_sessions"), "{cause}");
+    assert!(cause.contains("popivr serve"), "{cause}");
+    // The server's own count settles at its limit.
+    let deadline = Instant::now() + WAIT;
+    while server.session_count("pbx").unwrap() != 10 {
+        assert!(Instant::now() < deadline, "sessions never settled at 10");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(others);
+}
+
 #[tokio::test]
 async fn wrong_password_fails_auth() {
     let server = server();
@@ -315,6 +410,7 @@ async fn agent_reply_is_taken_apart() {
             delayed: false,
             forwarded: false,
             thread: Some("call-1".into()),
+            to: Addressed::Bare,
         }
     );
 }

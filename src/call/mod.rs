@@ -36,6 +36,40 @@ pub struct IncomingMessage {
     pub forwarded: bool,
     /// XEP-0201 `<thread/>` if any.
     pub thread: Option<String>,
+    /// Which of our account's sessions the sender addressed.
+    pub to: Addressed,
+}
+
+/// The `to` of a message, as the session that received it sees it. A
+/// server hands a message for a session that is gone (a finished call's)
+/// to the account's other sessions with its `to` unchanged (RFC 6121
+/// §8.5.3.2.1), so this tells a reply to this session from one written
+/// for another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addressed {
+    /// This session's own full JID.
+    Me,
+    /// The account's bare JID (or no `to` at all): every session may get it.
+    Bare,
+    /// Another full JID (of the account): written for another session.
+    Other(String),
+}
+
+/// What a per-call session tells the account's other sessions about its
+/// call, in its presence: so that each of them knows which agents the
+/// others popped, and a reply that could be for several calls is taken by
+/// none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    /// The call's id (the thread of its pops, its tag).
+    pub call: String,
+    /// No action taken yet.
+    pub waiting: bool,
+    /// Bare JIDs the call popped.
+    pub agents: Vec<String>,
+    /// Those of them another call was waiting for too: this call takes
+    /// their replies only with its thread or tag.
+    pub contested: Vec<String>,
 }
 
 /// How a message is sent: to one person, or into a room.
@@ -110,6 +144,9 @@ pub struct IncomingPresence {
     pub status: Option<String>,
     /// Set for a presence from a group chat occupant.
     pub muc: Option<MucPresence>,
+    /// From another session of our own account: what it says of its call
+    /// (`None` for a session that announces none).
+    pub sibling: Option<Option<Announcement>>,
 }
 
 /// One contact of our roster.

@@ -87,6 +87,7 @@ fn message(from_bare: &str, from_full: &str, kind: MsgKind, body: &str) -> Input
         delayed: false,
         forwarded: false,
         thread: None,
+        to: Addressed::Bare,
     })
 }
 
@@ -345,6 +346,7 @@ fn delayed_forwarded_and_non_chat_messages_never_steer() {
         delayed: false,
         forwarded: false,
         thread: None,
+        to: Addressed::Bare,
     };
     let variants = [
         IncomingMessage {
@@ -589,6 +591,7 @@ fn presence(full: &str, show: Show) -> Input {
         show,
         status: None,
         muc: None,
+        sibling: None,
     })
 }
 
@@ -934,6 +937,7 @@ fn occupant(nick: &str, real: Option<&str>) -> Input {
             real_jid: real.map(str::to_string),
             is_self: false,
         }),
+        sibling: None,
     })
 }
 

@@ -232,12 +232,16 @@ pub enum JidError {
     BadResource,
     #[error("a JID part is longer than {MAX_JID_PART} bytes")]
     TooLong,
+    /// The XMPP rules for JIDs (RFC 7622 stringprep, IDNA) refuse it.
+    #[error("not a valid JID: {0}")]
+    Invalid(String),
 }
 
 struct Jid<'a> {
-    local: &'a str,
-    domain: &'a str,
     resource: Option<&'a str>,
+    /// The JID as servers compare it: stringprep (nodeprep, nameprep,
+    /// resourceprep) applied by the `jid` crate.
+    prepped: xmpp_parsers::jid::Jid,
 }
 
 fn parse_jid(s: &str) -> Result<Jid<'_>, JidError> {
@@ -269,11 +273,13 @@ fn parse_jid(s: &str) -> Result<Jid<'_>, JidError> {
     if resource.is_some_and(|r| r.is_empty() || r.chars().any(char::is_control)) {
         return Err(JidError::BadResource);
     }
-    Ok(Jid {
-        local,
-        domain,
-        resource,
-    })
+    let text = match resource {
+        Some(r) => format!("{local}@{domain}/{r}"),
+        None => format!("{local}@{domain}"),
+    };
+    let prepped =
+        xmpp_parsers::jid::Jid::new(&text).map_err(|e| JidError::Invalid(e.to_string()))?;
+    Ok(Jid { resource, prepped })
 }
 
 fn domain_ok(domain: &str) -> bool {
@@ -291,18 +297,16 @@ fn domain_ok(domain: &str) -> bool {
 }
 
 /// The normalised form of a bare JID (`Alice@Example.ORG` →
-/// `alice@example.org`). A resource, or anything that is not a JID, is
-/// refused.
+/// `alice@example.org`), the form the `jid` crate gives every sender of a
+/// stanza: the same stringprep profiles the servers apply, so a target
+/// compares equal to exactly the senders the server takes for that
+/// account. A resource, or anything that is not a JID, is refused.
 pub fn normalize_jid(jid: &str) -> Result<String, JidError> {
     let j = parse_jid(jid)?;
     if j.resource.is_some() {
         return Err(JidError::Resource);
     }
-    Ok(format!(
-        "{}@{}",
-        j.local.to_lowercase(),
-        j.domain.to_lowercase()
-    ))
+    Ok(j.prepped.to_bare().to_string())
 }
 
 /// Reads and checks a configuration file (with its includes and, if it
@@ -1752,6 +1756,26 @@ mod tests {
             parse_jid("pbx@example.org/").err(),
             Some(JidError::BadResource)
         );
+    }
+
+    /// Compared the way servers compare: nodeprep case-folds beyond
+    /// `to_lowercase` (`ß` → `ss`) and maps compatibility forms (`ﬁ` →
+    /// `fi`); what stringprep prohibits is refused.
+    #[test]
+    fn jids_are_stringprepped_like_senders() {
+        use xmpp_parsers::jid::BareJid;
+        for (config, sender) in [
+            ("Straße@Example.ORG", "strasse@example.org"),
+            ("\u{fb01}nance@example.org", "finance@example.org"),
+            ("ALICE@EXAMPLE.ORG.", "alice@example.org"),
+        ] {
+            let from = BareJid::new(sender).unwrap().to_string();
+            assert_eq!(normalize_jid(config).unwrap(), from, "{config}");
+        }
+        assert!(matches!(
+            normalize_jid("a\u{e000}@example.org"),
+            Err(JidError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -484,6 +484,7 @@ mod tests {
             show,
             status: None,
             muc: None,
+            sibling: None,
         }
     }
 

@@ -19,9 +19,9 @@
 //! answer from here; the rest is delivered when it is unambiguous and
 //! dropped otherwise.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::call::{IncomingMessage, MsgKind, OutKind, OutgoingMessage};
+use crate::call::{Addressed, IncomingMessage, MsgKind, OutKind, OutgoingMessage};
 
 /// Ended calls remembered for notices about late replies.
 pub const ENDED_KEPT: usize = 256;
@@ -54,6 +54,9 @@ struct Entry {
     outcome: Option<String>,
     /// Still connected; `false` for ended calls.
     live: bool,
+    /// Agents another call was waiting for at some moment since this call
+    /// popped them: their replies need a tag or thread to reach it.
+    contested: BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -94,6 +97,7 @@ impl Router {
                 label: String::new(),
                 outcome: None,
                 live: true,
+                contested: BTreeSet::new(),
             },
         );
     }
@@ -104,7 +108,8 @@ impl Router {
         let Some(entry) = self.calls.get_mut(&Key(n)) else {
             return;
         };
-        if !entry.agents.contains(&msg.to) {
+        let first = !entry.agents.contains(&msg.to);
+        if first {
             entry.agents.push(msg.to.clone());
         }
         if msg.kind == OutKind::Groupchat && !entry.rooms.contains(&msg.to) {
@@ -112,6 +117,28 @@ impl Router {
         }
         if entry.label.is_empty() {
             entry.label = label(&msg.body);
+        }
+        if !first || entry.outcome.is_some() || msg.kind == OutKind::Groupchat {
+            return;
+        }
+        // A pop while another call waits for the same agent: one chat
+        // window shows both, so a reply without tag or thread could be
+        // for either, now and after one of them is decided.
+        let rivals: Vec<Key> = self
+            .calls
+            .iter()
+            .filter(|(k, e)| {
+                k.0 != n && e.live && e.outcome.is_none() && e.agents.contains(&msg.to)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        if rivals.is_empty() {
+            return;
+        }
+        for key in rivals.into_iter().chain([Key(n)]) {
+            if let Some(e) = self.calls.get_mut(&key) {
+                e.contested.insert(msg.to.clone());
+            }
         }
     }
 
@@ -161,7 +188,7 @@ impl Router {
         let Some(body) = msg.body.as_deref().map(str::trim).filter(|b| !b.is_empty()) else {
             return Route::Ignore("no text");
         };
-        if let Some((tag, rest)) = split_tag(body) {
+        if let Some((tag, rest)) = split_tag(body, looks_like_id) {
             let rest = rest.to_string();
             return match self.ours(&tag) {
                 None => Route::Ignore("another daemon's tag"),
@@ -191,6 +218,12 @@ impl Router {
                 },
             };
         }
+        if let Addressed::Other(_) = msg.to {
+            // Written for another session of the account (one that is
+            // gone: a daemon before its restart), not for any call here.
+            let text = "That pop's call is over: your reply did nothing.".to_string();
+            return self.answer(talkative, &from, self.with_waiting(&from, text));
+        }
         self.by_agent(talkative, &from, msg)
     }
 
@@ -208,7 +241,16 @@ impl Router {
             .collect();
         let live: Vec<&(u64, &Entry)> = mine.iter().filter(|(_, e)| e.live).collect();
         match waiting.as_slice() {
-            [(n, _)] => Route::Deliver(*n, msg),
+            [(n, e)] if !e.contested.contains(from) => Route::Deliver(*n, msg),
+            [(n, _)] => {
+                let text = format!(
+                    "Other calls popped you while call {tag} waited, so your reply did \
+                     nothing: it could be for any of them. Start it with the tag, e.g. \
+                     \"{tag} 1\", or answer in the pop's own thread.",
+                    tag = self.tag(*n)
+                );
+                self.answer(talkative, from, text)
+            }
             [] => match (live.as_slice(), mine.as_slice()) {
                 // The call core answers "already handled" itself.
                 ([(n, _)], _) => Route::Deliver(*n, msg),
@@ -301,14 +343,15 @@ fn looks_like_id(s: &str) -> bool {
 }
 
 /// `#17 1` → (`17`, `1`); `#a17: fwd 2001` → (`a17`, `fwd 2001`). The tag
-/// ends at white space, `:`, `,`, `.`, `)` or the end of the text.
-fn split_tag(body: &str) -> Option<(String, &str)> {
+/// ends at white space, `:`, `,`, `.`, `)` or the end of the text, and
+/// counts only when `is_id` takes it.
+pub(crate) fn split_tag(body: &str, is_id: fn(&str) -> bool) -> Option<(String, &str)> {
     let rest = body.strip_prefix('#')?;
     let end = rest
         .find(|c: char| c.is_whitespace() || matches!(c, ':' | ',' | '.' | ')'))
         .unwrap_or(rest.len());
     let tag = &rest[..end];
-    if !looks_like_id(tag) {
+    if !is_id(tag) {
         return None;
     }
     let after = rest[end..].trim_start();
@@ -335,7 +378,7 @@ fn chat(to: &str, body: String) -> OutgoingMessage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const ALICE: &str = "alice@example.org";
@@ -346,7 +389,7 @@ mod tests {
         router.sent(n, &msg);
     }
 
-    fn reply(from: &str, body: &str) -> IncomingMessage {
+    pub(crate) fn reply(from: &str, body: &str) -> IncomingMessage {
         IncomingMessage {
             from_bare: from.to_string(),
             from_full: format!("{from}/desk"),
@@ -355,10 +398,11 @@ mod tests {
             delayed: false,
             forwarded: false,
             thread: None,
+            to: Addressed::Bare,
         }
     }
 
-    fn threaded(from: &str, body: &str, thread: &str) -> IncomingMessage {
+    pub(crate) fn threaded(from: &str, body: &str, thread: &str) -> IncomingMessage {
         IncomingMessage {
             thread: Some(thread.to_string()),
             ..reply(from, body)
@@ -449,15 +493,53 @@ mod tests {
     }
 
     #[test]
-    fn a_decided_call_no_longer_counts_as_waiting() {
-        let mut r = router_with(&[(16, &[ALICE]), (17, &[ALICE])]);
+    fn a_call_decided_before_the_next_pop_no_longer_counts() {
+        let mut r = router_with(&[(16, &[ALICE])]);
         r.decided(16, "sent to desk");
+        r.open(17);
+        pop(&mut r, 17, ALICE, "Call from 555017");
         assert_eq!(delivered(r.route(reply(ALICE, "1"))).0, "17");
         // Alone, a decided call still gets the reply: the call core answers
         // that it was already handled.
         r.decided(17, "hung up");
         r.close(16);
         assert_eq!(delivered(r.route(reply(ALICE, "1"))).0, "17");
+    }
+
+    /// Both pops were in alice's chat while both calls waited: after one
+    /// is decided, a bare `1` could still be her late answer to it.
+    #[test]
+    fn an_overlap_outlives_the_decision() {
+        let mut r = router_with(&[(16, &[ALICE, BOB]), (17, &[ALICE])]);
+        r.decided(16, "sent to desk");
+        let (to, text) = answered(r.route(reply(ALICE, "1")));
+        assert_eq!(to, ALICE);
+        assert!(text.contains("\"#17 1\""), "{text}");
+        assert_eq!(delivered(r.route(reply(ALICE, "#17 1"))).0, "17");
+        assert_eq!(delivered(r.route(threaded(ALICE, "1", "17"))).0, "17");
+        // bob's call had no rival.
+        r.open(18);
+        pop(&mut r, 18, BOB, "Call from 555018");
+        assert_eq!(delivered(r.route(reply(BOB, "1"))).0, "18");
+    }
+
+    /// A reply to another session's full JID (the daemon's before a
+    /// restart) was written for a call this daemon never had.
+    #[test]
+    fn a_reply_to_another_session_is_no_ones() {
+        let r = router_with(&[(1, &[ALICE])]);
+        let old = IncomingMessage {
+            to: Addressed::Other("pbx@example.org/old".into()),
+            ..reply(ALICE, "1")
+        };
+        let (_, text) = answered(r.route(old.clone()));
+        assert!(text.starts_with("That pop's call is over"), "{text}");
+        assert!(text.contains("#1"), "{text}");
+        let tagged = IncomingMessage {
+            body: Some("#1 2".into()),
+            ..old
+        };
+        assert_eq!(delivered(r.route(tagged)), ("1".into(), "2".into()));
     }
 
     #[test]

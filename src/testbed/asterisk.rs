@@ -58,7 +58,6 @@ use std::fs;
 use std::io::{Read, Write};
 use std::ops::Deref;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -571,21 +570,11 @@ impl Builder {
                     .try_clone()
                     .map_err(|e| Error::new(format!("dup: {e}")))?,
             )
-            .stderr(console)
-            // Its own process group: ExternalIVR children stay in it (they
-            // are forked without a new group), so Drop kills them too.
-            .process_group(0);
-        // If this process dies without running Drop, take Asterisk along.
-        // PDEATHSIG fires when the spawning *thread* exits.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd.spawn()
+            .stderr(console);
+        // Its own process group: ExternalIVR children stay in it (they are
+        // forked without a new group), so Drop kills them too; and it dies
+        // with this process even without Drop.
+        super::spawn_tied(&mut cmd)
             .map_err(|e| Error::new(format!("spawn {}: {e}", binary.display())))
     }
 }

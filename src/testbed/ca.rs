@@ -64,6 +64,15 @@ impl TestCa {
             names.first().map(String::as_str).unwrap_or("x"),
         );
         params.use_authority_key_identifier_extension = true;
+        // rcgen's default validity ends in 4096; ejabberd's certificate
+        // store crashes on that date (an expiry timer out of range), so
+        // make it an ordinary one: last year to two years ahead.
+        let year = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| 1970 + (d.as_secs() / 31_556_952) as i32)
+            .unwrap_or(2026);
+        params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year + 2, 1, 1);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate().map_err(|e| err("server key", &e))?;

@@ -2,19 +2,11 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tempfile::TempDir;
-
-use super::{Error, Install, TestCa, ensure_installed, free_port};
-use crate::config::Account;
-
-/// Default XMPP domain of a test server. Connections go to 127.0.0.1 with
-/// `serverhost`, and the certificate is checked against this name.
-pub const DOMAIN: &str = "popivr.test";
+use super::{DOMAIN, Error, Install, ServerBase, TestCa, ensure_installed};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -144,13 +136,15 @@ impl Builder {
         fs::create_dir_all(dir.path().join("certs")).map_err(io("certs dir"))?;
 
         let mut server = Prosody {
-            dir,
-            domain: self.domain.clone(),
-            hosts: self.hosts.clone(),
-            port: 0,
+            base: ServerBase {
+                dir,
+                domain: self.domain.clone(),
+                hosts: self.hosts.clone(),
+                port: 0,
+                startup: Duration::ZERO,
+                child: None,
+            },
             plaintext: self.plaintext,
-            child: None,
-            startup: Duration::ZERO,
         };
         // Registration and start-up are separate processes: overlap them.
         let t0 = Instant::now();
@@ -176,16 +170,25 @@ impl Builder {
     }
 }
 
-/// A running test prosody.
+/// A running test prosody. Its address, domain, accounts and directory
+/// are [`ServerBase`]'s.
 #[derive(Debug)]
 pub struct Prosody {
-    dir: TempDir,
-    domain: String,
-    hosts: Vec<String>,
-    port: u16,
+    base: ServerBase,
     plaintext: bool,
-    child: Option<Child>,
-    startup: Duration,
+}
+
+impl std::ops::Deref for Prosody {
+    type Target = ServerBase;
+    fn deref(&self) -> &ServerBase {
+        &self.base
+    }
+}
+
+impl std::ops::DerefMut for Prosody {
+    fn deref_mut(&mut self) -> &mut ServerBase {
+        &mut self.base
+    }
 }
 
 impl Prosody {
@@ -196,85 +199,6 @@ impl Prosody {
 
     pub fn builder() -> Builder {
         Builder::default()
-    }
-
-    /// The main domain.
-    pub fn domain(&self) -> &str {
-        &self.domain
-    }
-
-    /// The extra virtual hosts ([`Builder::host`]).
-    pub fn hosts(&self) -> &[String] {
-        &self.hosts
-    }
-
-    /// The multi-user chat service, `conference.<domain>`. Any local user
-    /// may create rooms there; room options (such as exposing real JIDs)
-    /// are set by the room's owner.
-    pub fn muc_domain(&self) -> String {
-        format!("conference.{}", self.domain)
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `127.0.0.1:port`.
-    pub fn addr(&self) -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    /// PEM of the CA that signed the server certificate.
-    pub fn ca_pem(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// A directory for a test's own files, removed with the server.
-    pub fn scratch_dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// How long [`Builder::start`] took (users, certificates, launch).
-    pub fn startup_time(&self) -> Duration {
-        self.startup
-    }
-
-    /// `user@domain`.
-    pub fn jid(&self, user: &str) -> String {
-        format!("{user}@{}", self.domain)
-    }
-
-    /// `user@host`, for any served host.
-    pub fn jid_on(&self, host: &str, user: &str) -> String {
-        format!("{user}@{host}")
-    }
-
-    /// A popivr account for `user` on this server: TLS with the test CA,
-    /// connecting to 127.0.0.1.
-    pub fn account(&self, user: &str, password: &str) -> Account {
-        self.account_for(self.jid(user), user, password)
-    }
-
-    /// [`account`](Self::account) for `user@host`.
-    pub fn account_on(&self, host: &str, user: &str, password: &str) -> Account {
-        self.account_for(self.jid_on(host, user), user, password)
-    }
-
-    fn account_for(&self, jid: String, name: &str, password: &str) -> Account {
-        Account {
-            name: name.to_owned(),
-            username: jid,
-            secret: password.to_owned(),
-            serverhost: Some("127.0.0.1".to_owned()),
-            port: self.port,
-            usetls: true,
-            usesasl: true,
-            allow_plaintext: false,
-            ca_file: Some(self.ca_pem()),
-            statusmessage: Some("popivr".to_owned()),
-            timeout: Duration::from_secs(5),
-            origin: "test".to_owned(),
-        }
     }
 
     /// Register a user (also while running); panics on failure.
@@ -304,43 +228,14 @@ impl Prosody {
         }
     }
 
-    /// Stop the server politely (SIGTERM: clients get a stream end).
-    pub fn stop(&mut self) {
-        self.signal_and_reap(libc::SIGTERM);
-    }
-
-    /// Kill the server (SIGKILL: connections drop without a stream end).
-    pub fn kill(&mut self) {
-        self.signal_and_reap(libc::SIGKILL);
-    }
-
-    /// Freeze the server (SIGSTOP): TCP still connects, nothing answers.
-    pub fn freeze(&self) {
-        self.signal(libc::SIGSTOP);
-    }
-
-    /// Undo [`Prosody::freeze`].
-    pub fn thaw(&self) {
-        self.signal(libc::SIGCONT);
-    }
-
     /// Start again after [`stop`](Self::stop)/[`kill`](Self::kill), same
     /// port, users and stored data (offline messages survive).
     pub fn restart(&mut self) {
-        self.signal_and_reap(libc::SIGTERM);
+        self.reap(libc::SIGTERM);
         let port = self.port;
         if let Err(why) = self.try_launch_on(port) {
             panic!("prosody did not restart on port {port}: {why}");
         }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// The server's process id, while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
     }
 
     /// The server's log so far (info level: no stanzas, no passwords).
@@ -425,14 +320,7 @@ VirtualHost "{domain}"
     /// Start on a fresh free port; retry if another process took it in
     /// between (free-port probing is inherently racy).
     fn launch(&mut self) -> Result<(), Error> {
-        let mut last = String::new();
-        for _ in 0..5 {
-            match self.try_launch_on(free_port()) {
-                Ok(()) => return Ok(()),
-                Err(why) => last = why,
-            }
-        }
-        Err(Error::new(format!("prosody did not start: {last}")))
+        super::on_free_port("prosody", |port| self.try_launch_on(port))
     }
 
     fn try_launch_on(&mut self, port: u16) -> Result<(), String> {
@@ -449,98 +337,17 @@ VirtualHost "{domain}"
             .arg("-F")
             .stdin(Stdio::null())
             .stdout(out.try_clone().map_err(|e| format!("dup: {e}"))?)
-            .stderr(out)
-            // Own process group, so Drop can kill whatever it spawns.
-            .process_group(0);
-        // If our process dies without running Drop, take prosody along.
-        // PDEATHSIG fires when the spawning *thread* exits, which is why
-        // servers must be started on a thread that lives as long as they do.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|e| format!("spawn prosody: {e}"))?;
+            .stderr(out);
+        let child = super::spawn_tied(&mut cmd).map_err(|e| format!("spawn prosody: {e}"))?;
         self.child = Some(child);
 
         let ready = format!("Activated service 'c2s' on [127.0.0.1]:{port}");
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let log = fs::read(&log_path).unwrap_or_default();
-            let new = String::from_utf8_lossy(log.get(log_len as usize..).unwrap_or_default());
-            if new.contains("Failed to open server port") {
-                self.signal_and_reap(libc::SIGKILL);
-                return Err(format!("port {port} in use"));
-            }
-            if new.contains(&ready) {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                let console =
-                    fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default();
-                return Err(format!("prosody exited ({status}): {console}{new}"));
-            }
-            if Instant::now() > deadline {
-                self.signal_and_reap(libc::SIGKILL);
-                return Err(format!("not ready after {START_TIMEOUT:?}: {new}"));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        if let Some(child) = &self.child {
-            // The group id is the child's pid (process_group(0)).
-            unsafe {
-                libc::kill(-(child.id() as libc::pid_t), sig);
-            }
-        }
-    }
-
-    fn signal_and_reap(&mut self, sig: libc::c_int) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pgid = -(child.id() as libc::pid_t);
-        unsafe {
-            // A frozen server cannot act on SIGTERM.
-            libc::kill(pgid, libc::SIGCONT);
-            libc::kill(pgid, sig);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                _ => {
-                    unsafe {
-                        libc::kill(pgid, libc::SIGKILL);
-                    }
-                    let _ = child.wait();
-                    break;
-                }
-            }
-        }
-        // Anything else left in the group (prosody starts no helpers
-        // today, but the group is what we own).
-        unsafe {
-            libc::kill(pgid, libc::SIGKILL);
-        }
-    }
-}
-
-impl Drop for Prosody {
-    fn drop(&mut self) {
-        self.signal_and_reap(libc::SIGKILL);
+        self.base.wait_ready(
+            &log_path,
+            log_len,
+            &ready,
+            "Failed to open server port",
+            START_TIMEOUT,
+        )
     }
 }

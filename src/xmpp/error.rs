@@ -66,10 +66,16 @@ pub enum XmppError {
     /// The server rejected our credentials; the string is the SASL condition
     /// (`not-authorized`) or what kept us from trying.
     Auth(String),
+    /// SCRAM channel binding failed: the server saw another TLS channel
+    /// than ours, or cannot check tls-exporter (not a password problem).
+    ChannelBinding(String),
     /// Resource binding failed.
     Bind(String),
-    /// The server sent a stream error (`host-unknown`, `conflict` …).
+    /// The server sent a stream error (`host-unknown`, `system-shutdown` …).
     Stream(String),
+    /// The server ended the session because another login of the same
+    /// account replaced it (stream error `conflict`); the server's text.
+    Replaced(String),
     /// The connection broke or the server closed it.
     Io { phase: Phase, reason: String },
     /// The server sent something we cannot follow.
@@ -90,8 +96,17 @@ impl fmt::Display for XmppError {
             XmppError::NoStartTls => f.write_str("TLS: server does not offer STARTTLS"),
             XmppError::Tls(s) => write!(f, "TLS: {s}"),
             XmppError::Auth(s) => write!(f, "auth failed: {s}"),
+            XmppError::ChannelBinding(s) => write!(f, "auth failed: channel binding refused: {s}"),
             XmppError::Bind(s) => write!(f, "bind failed: {s}"),
             XmppError::Stream(s) => write!(f, "stream error: {s}"),
+            XmppError::Replaced(text) => write!(
+                f,
+                "stream error: conflict{text}: the server ended this session for a newer login \
+                 of the same account. Each call in per-call mode is one session; servers cap \
+                 sessions per account (ejabberd: max_user_sessions, 10 by default), and more \
+                 overlapping calls replace the oldest. Use `popivr serve` (one session for \
+                 all calls) or raise the limit for popivr's account"
+            ),
             XmppError::Io { phase, reason } => write!(f, "{reason} (during {phase})"),
             XmppError::Protocol(s) => write!(f, "protocol error: {s}"),
             XmppError::Timeout { after, phase } => {
@@ -103,6 +118,21 @@ impl fmt::Display for XmppError {
 }
 
 impl std::error::Error for XmppError {}
+
+/// A `<stream:error/>` as an error: `conflict` gets its cause and fix.
+pub(crate) fn stream_error(e: &xmpp_parsers::stream_error::StreamError) -> XmppError {
+    use xmpp_parsers::stream_error::DefinedCondition;
+    if e.condition == DefinedCondition::Conflict {
+        let text = e
+            .texts
+            .values()
+            .next()
+            .map(|t| format!(" ({t:?})"))
+            .unwrap_or_default();
+        return XmppError::Replaced(text);
+    }
+    XmppError::Stream(e.to_string())
+}
 
 /// `5 s`, `2.5 s`: the way the config file writes it.
 fn secs(d: Duration) -> String {
@@ -159,6 +189,26 @@ mod tests {
             XmppError::Auth("not-authorized".into()).to_string(),
             "auth failed: not-authorized"
         );
+    }
+
+    /// A replaced session names the cause (the server's per-account session
+    /// limit) and the fix, not just "conflict".
+    #[test]
+    fn a_replaced_session_says_why_and_what_to_do() {
+        let el: xmpp_parsers::minidom::Element = "<stream:error xmlns:stream='http://etherx.jabber.org/streams'>\
+              <conflict xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>\
+              <text xmlns='urn:ietf:params:xml:ns:xmpp-streams' xml:lang='en'>Replaced by new connection</text>\
+            </stream:error>"
+            .parse()
+            .unwrap();
+        let e = xmpp_parsers::stream_error::StreamError::try_from(el).unwrap();
+        let text = stream_error(&e).to_string();
+        assert!(
+            text.starts_with("stream error: conflict (\"Replaced by new connection\"): "),
+            "{text}"
+        );
+        assert!(text.contains("max_user_sessions"), "{text}");
+        assert!(text.contains("popivr serve"), "{text}");
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct Connection {
     pub jid: FullJid,
     /// SASL mechanism used (for logs and tests).
     pub mechanism: &'static str,
+    /// Why SCRAM ran without channel binding (`None`: it was bound with
+    /// tls-exporter, or the mechanism is not SCRAM).
+    pub unbound: Option<&'static str>,
     pub timings: LoginTimings,
 }
 
@@ -103,6 +106,7 @@ impl fmt::Debug for Connection {
         f.debug_struct("Connection")
             .field("jid", &self.jid)
             .field("mechanism", &self.mechanism)
+            .field("unbound", &self.unbound)
             .field("timings", &self.timings)
             .finish_non_exhaustive()
     }
@@ -114,10 +118,11 @@ pub async fn login(account: &Account) -> Result<Connection, XmppError> {
     let plan = Plan::new(account)?;
     let mut progress = Progress::new();
     match tokio::time::timeout(account.timeout, plan.run(&mut progress)).await {
-        Ok(Ok((stream, jid, mechanism))) => Ok(Connection {
+        Ok(Ok((stream, jid, (mechanism, unbound)))) => Ok(Connection {
             stream,
             jid,
             mechanism,
+            unbound,
             timings: progress.finish(),
         }),
         Ok(Err(e)) => Err(e),
@@ -188,7 +193,7 @@ impl<'a> Plan<'a> {
     async fn run(
         &self,
         progress: &mut Progress,
-    ) -> Result<(Stream, FullJid, &'static str), XmppError> {
+    ) -> Result<(Stream, FullJid, (&'static str, Option<&'static str>)), XmppError> {
         let domain = self.jid.domain().as_str();
         let header = || StreamHeader {
             to: Some(Cow::Borrowed(domain)),
@@ -305,15 +310,24 @@ impl<'a> Plan<'a> {
         stream: &mut XmlStream<S, FallibleStreamElement>,
         features: &StreamFeatures,
         binding: Option<Vec<u8>>,
-    ) -> Result<&'static str, XmppError> {
+    ) -> Result<(&'static str, Option<&'static str>), XmppError> {
+        let cb = decide_binding(
+            binding.is_some(),
+            &features.sasl_mechanisms,
+            features.sasl_cb.as_ref().map(|cb| cb.types.as_slice()),
+        );
         let (name, mut mech) = choose_mechanism(
             &features.sasl_mechanisms,
             self.tls.is_some(),
             binding,
-            exporter_allowed(features),
+            cb,
             self.jid.node().map(|n| n.as_str()).unwrap_or_default(),
             self.secret,
         )?;
+        let unbound = match cb {
+            CbDecision::Bind => None,
+            CbDecision::Unbound { why, .. } => Some(why),
+        };
         let mechanism = xsasl::Mechanism::from_str(name)
             .map_err(|e| XmppError::Auth(format!("{name}: {e}")))?;
         let auth = xsasl::Auth {
@@ -339,10 +353,10 @@ impl<'a> Plan<'a> {
                     mech.success(&s.data).map_err(|e| {
                         XmppError::Auth(format!("{name}: server proof rejected: {e}"))
                     })?;
-                    return Ok(name);
+                    return Ok((name, unbound.filter(|_| name.starts_with("SCRAM"))));
                 }
                 XmppStreamElement::Sasl(SaslNonza::Failure(f)) => {
-                    return Err(XmppError::Auth(condition_name(&f.defined_condition)));
+                    return Err(failure_error(name, &f));
                 }
                 other => {
                     return Err(XmppError::Protocol(format!(
@@ -355,17 +369,70 @@ impl<'a> Plan<'a> {
     }
 }
 
-/// Pick a SASL mechanism the server offers.
+/// How SCRAM is to treat channel binding on this login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CbDecision {
+    /// SCRAM-*-PLUS with tls-exporter (RFC 9266).
+    Bind,
+    /// Plain SCRAM. `flag_y`: the gs2 flag "y" (we could bind, the server
+    /// offered no -PLUS: a server that did offer one detects the
+    /// stripping); otherwise "n". `why` is for the log.
+    Unbound { flag_y: bool, why: &'static str },
+}
+
+/// Decide channel binding from what the server announced.
 ///
-/// `binding` is the TLS 1.3 exporter value when we have one. SCRAM's gs2
-/// flag then says "y" (we could bind, the server did not offer it) so a
-/// server that did offer -PLUS can detect a downgrade; that is only
-/// truthful when no -PLUS variant was offered at all.
+/// popivr binds only with tls-exporter, which exists only on TLS 1.3
+/// (`exporter`: we have its value). SCRAM itself cannot tell the client
+/// which binding type the server expects, and a mismatch is a failed login
+/// that looks like a wrong password and counts towards ejabberd's
+/// `mod_fail2ban`. So -PLUS is used only when the server names
+/// tls-exporter in its XEP-0440 list: servers that implement tls-exporter
+/// announce it (ejabberd since 24.02 added both together), while servers
+/// that predate RFC 9266 offer -PLUS for tls-unique alone, which TLS 1.3
+/// does not define (ejabberd 23.01: "Invalid channel binding"). A login
+/// is never retried with other settings: one attempt, one result.
+fn decide_binding(
+    exporter: bool,
+    offered: &BTreeSet<String>,
+    announced: Option<&[sasl_cb::Type]>,
+) -> CbDecision {
+    let plus_offered = offered.iter().any(|m| m.ends_with("-PLUS"));
+    if !exporter {
+        return CbDecision::Unbound {
+            flag_y: false,
+            why: "no TLS 1.3, so no tls-exporter channel binding",
+        };
+    }
+    if !plus_offered {
+        return CbDecision::Unbound {
+            flag_y: true,
+            why: "the server offers no channel binding (no SCRAM-*-PLUS)",
+        };
+    }
+    match announced {
+        Some(types) if types.contains(&sasl_cb::Type::TlsExporter) => CbDecision::Bind,
+        Some(_) => CbDecision::Unbound {
+            flag_y: false,
+            why: "the server's channel-binding types (XEP-0440) do not include tls-exporter",
+        },
+        None => CbDecision::Unbound {
+            flag_y: false,
+            why: "the server offers SCRAM-*-PLUS without naming its channel-binding types \
+                  (XEP-0440); such servers bind with tls-unique only, which TLS 1.3 lacks \
+                  (ejabberd before 24.02)",
+        },
+    }
+}
+
+/// Pick a SASL mechanism the server offers: SCRAM-*-PLUS when `cb` says
+/// bind (and the exporter value is there), SCRAM-SHA-256, SCRAM-SHA-1,
+/// then PLAIN (only inside TLS).
 fn choose_mechanism(
     offered: &BTreeSet<String>,
     secure: bool,
     binding: Option<Vec<u8>>,
-    exporter_allowed: bool,
+    cb: CbDecision,
     user: &str,
     secret: &str,
 ) -> Result<(&'static str, Box<dyn Mechanism + Send>), XmppError> {
@@ -384,18 +451,16 @@ fn choose_mechanism(
         Ok((name, mech))
     };
 
-    let plus_offered = offered.iter().any(|m| m.ends_with("-PLUS"));
-    if let Some(data) = binding.as_ref().filter(|_| exporter_allowed) {
+    if let (CbDecision::Bind, Some(data)) = (cb, binding.as_ref()) {
         for name in ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS"] {
             if offered.contains(name) {
                 return scram(name, ChannelBinding::TlsExporter(data.clone()));
             }
         }
     }
-    let flag = if binding.is_some() && !plus_offered {
-        ChannelBinding::Unsupported
-    } else {
-        ChannelBinding::None
+    let flag = match cb {
+        CbDecision::Unbound { flag_y: true, .. } => ChannelBinding::Unsupported,
+        _ => ChannelBinding::None,
     };
     for name in ["SCRAM-SHA-256", "SCRAM-SHA-1"] {
         if offered.contains(name) {
@@ -419,18 +484,32 @@ fn choose_mechanism(
     }))
 }
 
-fn sasl_setup(e: ::sasl::client::MechanismError) -> XmppError {
-    XmppError::Auth(format!("SASL set-up: {e}"))
+/// A SASL `<failure/>` as an error. With -PLUS the server checks the
+/// channel binding too: a failure the server blames on it is a
+/// [`XmppError::ChannelBinding`] (a TLS-intercepting box between popivr and
+/// the server, or a server bug), never read as a wrong password; any other
+/// failure of a bound login says that both are possible.
+fn failure_error(mechanism: &str, f: &xsasl::Failure) -> XmppError {
+    let condition = condition_name(&f.defined_condition);
+    if !mechanism.ends_with("-PLUS") {
+        return XmppError::Auth(condition);
+    }
+    let text = f.texts.values().next().map(String::as_str).unwrap_or("");
+    if text.to_ascii_lowercase().contains("channel binding") {
+        XmppError::ChannelBinding(format!(
+            "{condition} ({text:?}): the server's end of the TLS connection is not the one \
+             popivr negotiated with (a TLS-inspecting proxy?) or its tls-exporter is broken"
+        ))
+    } else {
+        XmppError::Auth(format!(
+            "{condition} (with tls-exporter channel binding: a wrong username/secret, \
+             or a channel-binding mismatch)"
+        ))
+    }
 }
 
-/// XEP-0440: a server that lists its channel-binding types must list
-/// tls-exporter for us to use it; one that lists none gets the benefit of
-/// the doubt (RFC 9266 makes tls-exporter the TLS 1.3 default).
-fn exporter_allowed(features: &StreamFeatures) -> bool {
-    match &features.sasl_cb {
-        None => true,
-        Some(cb) => cb.types.contains(&sasl_cb::Type::TlsExporter),
-    }
+fn sasl_setup(e: ::sasl::client::MechanismError) -> XmppError {
+    XmppError::Auth(format!("SASL set-up: {e}"))
 }
 
 /// RFC 9266 channel-binding data; only defined for TLS 1.3.
@@ -500,7 +579,7 @@ async fn recv_features<S: AsyncBufRead + AsyncWrite + Unpin>(
 ) -> Result<(StreamFeatures, XmlStream<S, FallibleStreamElement>), XmppError> {
     pending.recv_features().await.map_err(|e| match e {
         RecvFeaturesError::Io(e) => io_error(phase, &e),
-        RecvFeaturesError::StreamError(e) => XmppError::Stream(e.0.to_string()),
+        RecvFeaturesError::StreamError(e) => super::error::stream_error(&e.0),
     })
 }
 
@@ -520,7 +599,7 @@ async fn next_element<S: AsyncBufRead + AsyncWrite + Unpin>(
     loop {
         match stream.next().await {
             Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
-                return Err(XmppError::Stream(e.0.to_string()));
+                return Err(super::error::stream_error(&e.0));
             }
             Some(Ok(FallibleStreamElement::Ok(el))) => return Ok(el),
             Some(Ok(FallibleStreamElement::Err(e))) => {
@@ -645,10 +724,32 @@ mod tests {
         list.iter().map(|s| s.to_string()).collect()
     }
 
-    fn pick(list: &[&str], secure: bool, binding: Option<Vec<u8>>) -> Result<&'static str, String> {
-        choose_mechanism(&offered(list), secure, binding, true, "pbx", "pw")
+    const EXPORTER: &[sasl_cb::Type] = &[sasl_cb::Type::TlsExporter];
+
+    /// The mechanism chosen, deciding channel binding as a login does;
+    /// `announced` is the server's XEP-0440 list.
+    fn pick_with(
+        list: &[&str],
+        secure: bool,
+        binding: Option<Vec<u8>>,
+        announced: Option<&[sasl_cb::Type]>,
+    ) -> Result<&'static str, String> {
+        let cb = decide_binding(binding.is_some(), &offered(list), announced);
+        choose_mechanism(&offered(list), secure, binding, cb, "pbx", "pw")
             .map(|(n, _)| n)
             .map_err(|e| e.to_string())
+    }
+
+    fn pick(list: &[&str], secure: bool, binding: Option<Vec<u8>>) -> Result<&'static str, String> {
+        pick_with(list, secure, binding, Some(EXPORTER))
+    }
+
+    /// The gs2 header SCRAM sends first: "p=tls-exporter", "y" or "n".
+    fn gs2(list: &[&str], binding: Option<Vec<u8>>, announced: Option<&[sasl_cb::Type]>) -> String {
+        let cb = decide_binding(binding.is_some(), &offered(list), announced);
+        let (_, mut m) = choose_mechanism(&offered(list), true, binding, cb, "pbx", "pw").unwrap();
+        let first = String::from_utf8(m.initial()).unwrap();
+        first.split(',').next().unwrap().to_owned()
     }
 
     #[test]
@@ -661,6 +762,102 @@ mod tests {
             Ok("SCRAM-SHA-1")
         );
         assert_eq!(pick(&["PLAIN"], true, None), Ok("PLAIN"));
+    }
+
+    const EJABBERD_23: [&str; 3] = ["PLAIN", "SCRAM-SHA-1", "SCRAM-SHA-1-PLUS"];
+
+    /// ejabberd 23.01 over TLS 1.3 offers -PLUS without a XEP-0440 list
+    /// and checks it with tls-unique only: popivr's tls-exporter would be a
+    /// failed login (and a fail2ban strike) on every call. Plain SCRAM,
+    /// saying "n": we cannot bind the way this server does.
+    #[test]
+    fn plus_without_an_announced_type_is_not_guessed() {
+        let cb = decide_binding(true, &offered(&EJABBERD_23), None);
+        assert!(
+            matches!(cb, CbDecision::Unbound { flag_y: false, why } if why.contains("ejabberd before 24.02"))
+        );
+        assert_eq!(
+            pick_with(&EJABBERD_23, true, Some(vec![1; 32]), None),
+            Ok("SCRAM-SHA-1")
+        );
+        assert_eq!(gs2(&EJABBERD_23, Some(vec![1; 32]), None), "n");
+    }
+
+    /// A server that implements tls-exporter announces it (ejabberd 24.02
+    /// and later, prosody 13): then popivr binds.
+    #[test]
+    fn announced_tls_exporter_is_used() {
+        let types = [sasl_cb::Type::TlsUnique, sasl_cb::Type::TlsExporter];
+        assert_eq!(
+            decide_binding(true, &offered(&EJABBERD_23), Some(&types)),
+            CbDecision::Bind
+        );
+        assert_eq!(
+            pick_with(&EJABBERD_23, true, Some(vec![1; 32]), Some(&types)),
+            Ok("SCRAM-SHA-1-PLUS")
+        );
+        assert_eq!(
+            gs2(&EJABBERD_23, Some(vec![1; 32]), Some(&types)),
+            "p=tls-exporter"
+        );
+        // Announced, but only types popivr cannot compute: "n".
+        let other = [sasl_cb::Type::TlsServerEndPoint];
+        assert_eq!(gs2(&EJABBERD_23, Some(vec![1; 32]), Some(&other)), "n");
+        // No TLS 1.3 (no exporter value): never -PLUS, whatever is said.
+        assert_eq!(
+            pick_with(&EJABBERD_23, true, None, Some(&types)),
+            Ok("SCRAM-SHA-1")
+        );
+        assert_eq!(gs2(&EJABBERD_23, None, Some(&types)), "n");
+    }
+
+    /// prosody 0.12 over TLS 1.3 offers no -PLUS: "y", so a server that
+    /// did offer one can tell that it was stripped on the way.
+    #[test]
+    fn scram_says_y_only_when_no_plus_was_offered() {
+        assert_eq!(gs2(&["SCRAM-SHA-1"], Some(vec![0; 32]), None), "y");
+        assert_eq!(gs2(&["SCRAM-SHA-1"], None, None), "n");
+        assert!(matches!(
+            decide_binding(true, &offered(&["PLAIN", "SCRAM-SHA-1"]), None),
+            CbDecision::Unbound { flag_y: true, .. }
+        ));
+    }
+
+    fn failure(text: Option<&str>) -> xsasl::Failure {
+        xsasl::Failure {
+            defined_condition: xsasl::DefinedCondition::NotAuthorized,
+            texts: text
+                .map(|t| (String::from("en"), t.to_owned()))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// A failed bound login that the server blames on the binding is
+    /// reported as such, not as a wrong password; unbound failures read as
+    /// before.
+    #[test]
+    fn a_channel_binding_failure_is_named() {
+        let e = failure_error(
+            "SCRAM-SHA-1-PLUS",
+            &failure(Some("Invalid channel binding")),
+        );
+        assert!(matches!(e, XmppError::ChannelBinding(_)), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("auth failed: channel binding refused: not-authorized"),
+            "{e}"
+        );
+        let e = failure_error("SCRAM-SHA-1-PLUS", &failure(None));
+        assert!(
+            e.to_string().contains("or a channel-binding mismatch"),
+            "{e}"
+        );
+        let e = failure_error(
+            "SCRAM-SHA-1",
+            &failure(Some("Invalid username or password")),
+        );
+        assert_eq!(e, XmppError::Auth("not-authorized".into()));
     }
 
     #[test]
@@ -678,20 +875,6 @@ mod tests {
     #[test]
     fn anonymous_is_never_chosen() {
         assert!(pick(&["ANONYMOUS"], true, None).is_err());
-    }
-
-    #[test]
-    fn scram_says_y_only_when_no_plus_was_offered() {
-        // The gs2 header is the start of the initial message.
-        let first = |list: &[&str], binding: Option<Vec<u8>>| {
-            let (_, mut m) =
-                choose_mechanism(&offered(list), true, binding, false, "pbx", "pw").unwrap();
-            String::from_utf8(m.initial()).unwrap()
-        };
-        assert!(first(&["SCRAM-SHA-1"], Some(vec![0; 32])).starts_with("y,,"));
-        assert!(first(&["SCRAM-SHA-1"], None).starts_with("n,,"));
-        // -PLUS offered but (per XEP-0440) not with tls-exporter: say "n".
-        assert!(first(&["SCRAM-SHA-1", "SCRAM-SHA-1-PLUS"], Some(vec![0; 32])).starts_with("n,,"));
     }
 
     #[test]

@@ -135,6 +135,14 @@ impl Session {
         let _ = self.cmds.send(session::Cmd::Presence(status));
     }
 
+    /// Tell the account's other sessions about this call, in our
+    /// presence (available, with this status text). Sent in order with
+    /// the messages: an announcement queued before a pop reaches every
+    /// other session before the pop can be answered.
+    pub fn announce(&self, status: Option<String>, a: crate::call::Announcement) {
+        let _ = self.cmds.send(session::Cmd::Announce(status, a));
+    }
+
     /// The next event; `None` once the session has ended. Cancel-safe, so
     /// it can sit in a `select!`.
     pub async fn recv(&mut self) -> Option<XmppEvent> {

@@ -20,11 +20,11 @@ use xmpp_parsers::{
 use super::error::{Phase, XmppError, io_reason};
 use super::login::{Connection, Stream, login, send};
 use super::stanza::{
-    created_room, incoming_message, incoming_presence, join_room, outgoing_message, own_presence,
-    roster_item,
+    announcing_presence, created_room, incoming_message, incoming_presence, join_room,
+    outgoing_message, own_presence, roster_item,
 };
 use super::{SessionOptions, XmppEvent, XmppStatus};
-use crate::call::OutgoingMessage;
+use crate::call::{Announcement, OutgoingMessage};
 use crate::config::Account;
 
 /// Upper bound for an orderly close: the footer is one small write, and a
@@ -63,6 +63,8 @@ impl Ctx<'_> {
 pub(crate) enum Cmd {
     Send(OutgoingMessage),
     Presence(Option<String>),
+    /// Our presence, with this call's announcement.
+    Announce(Option<String>, Announcement),
     Close,
 }
 
@@ -110,6 +112,9 @@ pub(crate) async fn run(
         conn.mechanism,
         conn.timings
     );
+    if let Some(why) = conn.unbound {
+        log::debug!("xmpp: no channel binding: {why}");
+    }
     let Connection {
         mut stream, jid, ..
     } = conn;
@@ -283,7 +288,7 @@ async fn on_element(
 ) -> Result<Option<XmppEvent>, End> {
     match el {
         XmppStreamElement::Stanza(Stanza::Message(m)) => {
-            Ok(Some(XmppEvent::Message(incoming_message(&m, &ctx.own))))
+            Ok(Some(XmppEvent::Message(incoming_message(&m, ctx.me))))
         }
         // The server reflects our own presence back; that says nothing.
         XmppStreamElement::Stanza(Stanza::Presence(p))
@@ -335,7 +340,7 @@ async fn on_element(
             answer_iq(stream, iq).await.map_err(lost)?;
             Ok(None)
         }
-        XmppStreamElement::StreamError(e) => Err(End::Failed(XmppError::Stream(e.0.to_string()))),
+        XmppStreamElement::StreamError(e) => Err(End::Failed(super::error::stream_error(&e.0))),
         other => {
             log::debug!("xmpp: ignoring unexpected stream element {other:?}");
             Ok(None)
@@ -460,6 +465,7 @@ async fn handle_cmd(stream: &mut Stream, cmd: Cmd) -> Option<End> {
             }
         },
         Cmd::Presence(status) => own_presence(status.as_deref()).into(),
+        Cmd::Announce(status, a) => announcing_presence(status.as_deref(), &a).into(),
     };
     send(stream, &XmppStreamElement::Stanza(stanza), Phase::Bind)
         .await

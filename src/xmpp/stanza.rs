@@ -2,9 +2,9 @@
 //! building the ones we send.
 
 use xmpp_parsers::{
-    jid::{BareJid, Jid},
+    jid::{BareJid, FullJid, Jid},
     message::{Lang, Message, MessageType, Thread},
-    minidom::Element,
+    minidom::{Element, rxml::NcName},
     presence::{self, Presence},
 };
 
@@ -19,8 +19,8 @@ use xmpp_parsers::{
 };
 
 use crate::call::{
-    IncomingMessage, IncomingPresence, MsgKind, MucPresence, OutKind, OutgoingMessage, RosterItem,
-    Show,
+    Addressed, Announcement, IncomingMessage, IncomingPresence, MsgKind, MucPresence, OutKind,
+    OutgoingMessage, RosterItem, Show,
 };
 
 const NS_DELAY: &str = "urn:xmpp:delay";
@@ -28,11 +28,23 @@ const NS_DELAY: &str = "urn:xmpp:delay";
 const NS_LEGACY_DELAY: &str = "jabber:x:delay";
 const NS_CARBONS: &str = "urn:xmpp:carbons:2";
 const NS_FORWARD: &str = "urn:xmpp:forward:0";
+/// popivr's own payload: a per-call session's [`Announcement`].
+const NS_CALL: &str = "urn:popivr:call:0";
 
-/// What a message from the server becomes. `own` is our own bare JID, the
-/// implied sender of a stanza without `from` (RFC 6120 §8.1.2.1).
-pub(crate) fn incoming_message(msg: &Message, own: &BareJid) -> IncomingMessage {
-    let (from_bare, from_full) = sender(msg.from.as_ref(), own);
+/// What a message from the server becomes. `me` is our session's full JID;
+/// its bare JID is the implied sender of a stanza without `from` (RFC 6120
+/// §8.1.2.1).
+pub(crate) fn incoming_message(msg: &Message, me: &FullJid) -> IncomingMessage {
+    let own = me.to_bare();
+    let (from_bare, from_full) = sender(msg.from.as_ref(), &own);
+    let to = match &msg.to {
+        Some(to) => match to.try_as_full() {
+            Ok(full) if full == me => Addressed::Me,
+            Ok(full) => Addressed::Other(full.to_string()),
+            Err(_) => Addressed::Bare,
+        },
+        None => Addressed::Bare,
+    };
     IncomingMessage {
         from_bare,
         from_full,
@@ -47,6 +59,7 @@ pub(crate) fn incoming_message(msg: &Message, own: &BareJid) -> IncomingMessage 
         delayed: msg.payloads.iter().any(is_delay),
         forwarded: msg.payloads.iter().any(is_forward),
         thread: msg.thread.as_ref().map(|t| t.id.clone()),
+        to,
     }
 }
 
@@ -79,13 +92,63 @@ pub(crate) fn incoming_presence(p: &Presence, own: &BareJid) -> Option<IncomingP
                 .map(|j| j.to_bare().to_string()),
             is_self: user.status.contains(&MucStatus::SelfPresence),
         });
+    let sibling = (from_bare == own.as_str()).then(|| {
+        p.payloads
+            .iter()
+            .find(|e| e.is("call", NS_CALL))
+            .and_then(parse_announcement)
+    });
     Some(IncomingPresence {
         from_bare,
         from_full,
         show,
         status,
         muc,
+        sibling,
     })
+}
+
+/// `<call xmlns='urn:popivr:call:0' id='…' waiting='true'><agent
+/// jid='…'/></call>`. Only sessions of our own account are read this way;
+/// a malformed one counts as none.
+fn parse_announcement(e: &Element) -> Option<Announcement> {
+    let call = e.attr("id").filter(|id| !id.is_empty())?.to_string();
+    let waiting = e.attr("waiting") == Some("true");
+    let mut agents = Vec::new();
+    let mut contested = Vec::new();
+    for c in e.children().filter(|c| c.is("agent", NS_CALL)) {
+        let Some(jid) = c.attr("jid").and_then(|j| BareJid::new(j).ok()) else {
+            continue;
+        };
+        if c.attr("contested") == Some("true") {
+            contested.push(jid.to_string());
+        }
+        agents.push(jid.to_string());
+    }
+    Some(Announcement {
+        call,
+        waiting,
+        agents,
+        contested,
+    })
+}
+
+/// Our presence carrying `a`.
+pub(crate) fn announcing_presence(status: Option<&str>, a: &Announcement) -> Presence {
+    let name = |n: &str| NcName::try_from(n).expect("a constant, valid name");
+    let mut el = Element::builder("call", NS_CALL)
+        .attr(name("id"), a.call.as_str())
+        .attr(name("waiting"), if a.waiting { "true" } else { "false" });
+    for agent in &a.agents {
+        let mut item = Element::builder("agent", NS_CALL).attr(name("jid"), agent.as_str());
+        if a.contested.contains(agent) {
+            item = item.attr(name("contested"), "true");
+        }
+        el = el.append(item);
+    }
+    let mut p = own_presence(status);
+    p.payloads.push(el.build());
+    p
 }
 
 /// Status 201 on our own room presence: we created the room, which stays
@@ -187,13 +250,17 @@ mod tests {
         BareJid::new("pbx@example.org").unwrap()
     }
 
+    fn me() -> FullJid {
+        FullJid::new("pbx@example.org/call-1").unwrap()
+    }
+
     #[test]
     fn chat_message_with_thread() {
         let m = parse(
             "<message xmlns='jabber:client' from='Alice@Example.ORG/Phone' type='chat'>\
              <body>1 desk</body><thread>t-42</thread></message>",
         );
-        let got = incoming_message(&m, &own());
+        let got = incoming_message(&m, &me());
         assert_eq!(got.from_bare, "alice@example.org");
         assert_eq!(got.from_full, "alice@example.org/Phone");
         assert_eq!(got.kind, MsgKind::Chat);
@@ -208,7 +275,7 @@ mod tests {
             "<message xmlns='jabber:client' from='bob@example.org'>\
              <body xml:lang='de'>hallo</body><body>hello</body></message>",
         );
-        let got = incoming_message(&m, &own());
+        let got = incoming_message(&m, &me());
         assert_eq!(got.kind, MsgKind::Normal);
         assert_eq!(got.body.as_deref(), Some("hello"));
     }
@@ -219,7 +286,7 @@ mod tests {
             "<message xmlns='jabber:client' from='bob@example.org' type='chat'>\
              <body xml:lang='fr'>salut</body><body xml:lang='de'>hallo</body></message>",
         );
-        assert_eq!(incoming_message(&m, &own()).body.as_deref(), Some("hallo"));
+        assert_eq!(incoming_message(&m, &me()).body.as_deref(), Some("hallo"));
     }
 
     #[test]
@@ -234,7 +301,7 @@ mod tests {
             let m = parse(&format!(
                 "<message xmlns='jabber:client' from='a@b' type='{ty}'/>"
             ));
-            assert_eq!(incoming_message(&m, &own()).kind, kind, "{ty}");
+            assert_eq!(incoming_message(&m, &me()).kind, kind, "{ty}");
         }
     }
 
@@ -244,12 +311,12 @@ mod tests {
             "<message xmlns='jabber:client' from='a@b' type='chat'><body>x</body>\
              <delay xmlns='urn:xmpp:delay' stamp='2024-01-01T00:00:00Z'/></message>",
         );
-        assert!(incoming_message(&m, &own()).delayed);
+        assert!(incoming_message(&m, &me()).delayed);
         let m = parse(
             "<message xmlns='jabber:client' from='a@b' type='chat'><body>x</body>\
              <x xmlns='jabber:x:delay' stamp='20240101T00:00:00'/></message>",
         );
-        assert!(incoming_message(&m, &own()).delayed);
+        assert!(incoming_message(&m, &me()).delayed);
     }
 
     #[test]
@@ -264,16 +331,63 @@ mod tests {
             let m = parse(&format!(
                 "<message xmlns='jabber:client' from='a@b' type='chat'><body>1</body>{wrapper}</message>"
             ));
-            let got = incoming_message(&m, &own());
+            let got = incoming_message(&m, &me());
             assert!(got.forwarded, "{wrapper}");
             assert!(!got.delayed, "{wrapper}");
         }
     }
 
+    /// A message for a session that is gone keeps its `to`: it was
+    /// written for that session, not for this one.
+    #[test]
+    fn the_to_address_says_which_session_was_meant() {
+        let to = |to: &str| {
+            let attr = match to {
+                "" => String::new(),
+                to => format!(" to='{to}'"),
+            };
+            let m = parse(&format!(
+                "<message xmlns='jabber:client' from='a@b/c'{attr} type='chat'><body>1</body></message>"
+            ));
+            incoming_message(&m, &me()).to
+        };
+        assert_eq!(to("PBX@example.org/call-1"), Addressed::Me);
+        assert_eq!(to("pbx@example.org"), Addressed::Bare);
+        assert_eq!(to(""), Addressed::Bare);
+        assert_eq!(
+            to("pbx@example.org/call-0"),
+            Addressed::Other("pbx@example.org/call-0".into())
+        );
+    }
+
+    #[test]
+    fn announcements_of_our_own_sessions_round_trip() {
+        let a = Announcement {
+            call: "1f2e3d".into(),
+            waiting: true,
+            agents: vec!["alice@example.org".into(), "bob@example.org".into()],
+            contested: vec!["bob@example.org".into()],
+        };
+        let mut p = announcing_presence(Some("popivr"), &a);
+        p.from = Some(Jid::new("pbx@example.org/other").unwrap());
+        let got = incoming_presence(&p, &own()).unwrap();
+        assert_eq!(got.sibling, Some(Some(a.clone())));
+        // The same payload from anyone else is not read at all.
+        p.from = Some(Jid::new("mallory@example.org/x").unwrap());
+        assert_eq!(incoming_presence(&p, &own()).unwrap().sibling, None);
+        // A session of ours without one is a sibling with no call.
+        let mut plain = own_presence(None);
+        plain.from = Some(Jid::new("pbx@example.org/gajim").unwrap());
+        assert_eq!(
+            incoming_presence(&plain, &own()).unwrap().sibling,
+            Some(None)
+        );
+    }
+
     #[test]
     fn no_from_means_our_own_account() {
         let m = parse("<message xmlns='jabber:client' type='chat'><body>x</body></message>");
-        assert_eq!(incoming_message(&m, &own()).from_bare, "pbx@example.org");
+        assert_eq!(incoming_message(&m, &me()).from_bare, "pbx@example.org");
     }
 
     #[test]

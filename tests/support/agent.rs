@@ -33,7 +33,7 @@ use xmpp_parsers::{
     starttls,
 };
 
-use super::prosody::Prosody;
+use super::prosody::Server;
 
 /// How long helpers wait before failing the test. Generous: a loaded CI
 /// machine must not make a correct test fail.
@@ -49,13 +49,13 @@ pub struct TestAgent {
 impl TestAgent {
     /// Log in as `user` and announce presence (so messages to the bare JID
     /// reach us). Panics if not online within [`WAIT`].
-    pub async fn login(server: &Prosody, user: &str, password: &str) -> TestAgent {
+    pub async fn login(server: &(impl Server + ?Sized), user: &str, password: &str) -> TestAgent {
         Self::login_as(server, &server.jid(user), password).await
     }
 
     /// Like [`login`](Self::login) for any JID of the server: a user of
     /// another of its hosts, or a full JID to bind that resource.
-    pub async fn login_as(server: &Prosody, jid: &str, password: &str) -> TestAgent {
+    pub async fn login_as(server: &(impl Server + ?Sized), jid: &str, password: &str) -> TestAgent {
         let user = jid;
         let jid = Jid::new(jid).expect("agent JID");
         let connector = TestConnector {
@@ -207,6 +207,16 @@ impl TestAgent {
         self.next_message_within(WAIT, pred)
             .await
             .unwrap_or_else(|| panic!("{}: no matching message within {WAIT:?}", self.jid))
+    }
+
+    /// Ask the server for XEP-0280 carbons: copies of what our other
+    /// devices send and receive.
+    pub async fn enable_carbons(&mut self) {
+        self.send_raw(
+            "<iq xmlns='jabber:client' type='set' id='carbons-on'>\
+             <enable xmlns='urn:xmpp:carbons:2'/></iq>",
+        )
+        .await;
     }
 
     /// Log out cleanly.
