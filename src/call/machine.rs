@@ -546,7 +546,13 @@ impl Call {
             .or_default()
             .insert(p.from_full.clone(), p.show);
         if !self.presence_ready {
-            self.check_presence_ready(out);
+            if !was && self.available(&p.from_bare) && self.pops_early(&p.from_bare) {
+                self.presence_ready = true;
+                out.push(Output::CancelTimer(TimerId::Presence));
+                self.maybe_pop(out);
+            } else {
+                self.check_presence_ready(out);
+            }
             return;
         }
         // A target who comes online while the call waits gets the pop too.
@@ -567,6 +573,42 @@ impl Call {
                 format!("pop sent to {to} (now available)"),
             );
             self.popped.push(to);
+        }
+    }
+
+    /// Whether `jid`, just heard available, decides the pop without
+    /// waiting for the other targets' presence. Servers need not answer
+    /// the probe for an offline contact (ejabberd does not), so waiting to
+    /// hear everyone would hold every pop for `presence_wait`.
+    /// - interactive: yes; a target heard available later gets the pop
+    ///   then ("now available").
+    /// - route: when no target still unheard could rank before `jid`.
+    /// - missed notices and a room still being joined: no, they go out
+    ///   once, when the window is over.
+    fn pops_early(&self, jid: &str) -> bool {
+        if self.room == RoomState::Joining {
+            return false;
+        }
+        match self.profile.mode {
+            Mode::Interactive => true,
+            Mode::Route => {
+                let Some(roster) = &self.roster else {
+                    return false;
+                };
+                let targets = &self.profile.targets;
+                let rank = |t: &String| {
+                    let index = targets.iter().position(|x| x == t);
+                    (self.agent(t).map_or(0, |a| a.priority), index)
+                };
+                let Some(mine) = targets.iter().find(|t| t.as_str() == jid).map(rank) else {
+                    return false;
+                };
+                targets
+                    .iter()
+                    .filter(|t| roster.contains(*t) && !self.presence.contains_key(*t))
+                    .all(|t| rank(t) > mine)
+            }
+            _ => false,
         }
     }
 

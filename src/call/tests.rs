@@ -626,7 +626,7 @@ const B: &str = "bob@example.org";
 const C: &str = "carol@example.org";
 
 #[test]
-fn the_pop_goes_only_to_available_agents_once_all_presence_is_in() {
+fn the_pop_goes_only_to_available_agents_as_they_are_heard() {
     let p = with_presence(profile(), &[A, B, C]);
     let (mut call, out) = online_call(p);
     assert!(sent(&out).is_empty(), "no pop before presence is known");
@@ -636,11 +636,13 @@ fn the_pop_goes_only_to_available_agents_once_all_presence_is_in() {
     )));
     assert!(sent(&call.handle(roster(&[A, B, C]))).is_empty());
     assert!(sent(&call.handle(presence("alice@example.org/phone", Show::Away))).is_empty());
-    assert!(sent(&call.handle(presence("bob@example.org/desk", Show::Chat))).is_empty());
-    // The last subscribed target is heard: no need to wait for the timer.
-    let out = call.handle(presence("carol@example.org", Show::Unavailable));
+    // The first available target gets the pop at once, without waiting
+    // for carol, whom the server may never report (ejabberd does not
+    // answer probes for offline contacts).
+    let out = call.handle(presence("bob@example.org/desk", Show::Chat));
     assert_eq!(to(&out), [B]);
     assert!(out.contains(&Output::CancelTimer(TimerId::Presence)));
+    assert!(sent(&call.handle(presence("carol@example.org", Show::Unavailable))).is_empty());
     // Only those popped may steer.
     assert!(commands(&call.handle(msg(A, "1"))).is_empty());
     let cmds = commands(&call.handle(msg(B, "1")));
@@ -675,14 +677,65 @@ fn any_available_resource_makes_the_agent_available() {
     assert!(call.handle(Input::Timer(TimerId::Presence)).is_empty());
 }
 
+/// A silent target (ejabberd says nothing about an offline contact)
+/// holds back neither an interactive pop nor, once nobody unheard could
+/// rank first, a route; missed notices wait for the window. A target
+/// heard available after the first pop gets it then.
 #[test]
-fn a_silent_target_is_waited_for_only_until_the_presence_timer() {
+fn a_silent_target_holds_back_only_what_must_know_everyone() {
     let p = with_presence(profile(), &[A, B]);
+    let (mut call, _) = online_call(p);
+    call.handle(roster(&[A, B]));
+    assert_eq!(
+        to(&call.handle(presence("alice@example.org/x", Show::Online))),
+        [A]
+    );
+    assert!(sent(&call.handle(Input::Timer(TimerId::Presence))).is_empty());
+    // Bob, heard available after the pop, gets it then, and may answer.
+    assert_eq!(
+        to(&call.handle(presence("bob@example.org/y", Show::Online))),
+        [B]
+    );
+    let cmds = commands(&call.handle(msg(B, "1")));
+    assert_eq!(var(&cmds, "POPIVR_AGENT"), Some(B));
+
+    let mut p = with_presence(profile(), &[A, B]);
+    p.mode = Mode::Missed;
     let (mut call, _) = online_call(p);
     call.handle(roster(&[A, B]));
     assert!(sent(&call.handle(presence("alice@example.org/x", Show::Online))).is_empty());
     let out = call.handle(Input::Timer(TimerId::Presence));
     assert_eq!(to(&out), [A]);
+}
+
+/// A route over A (priority 5), B (1) and C (0), all subscribed, online,
+/// waiting for presence.
+fn route_call() -> Call {
+    let mut p = with_presence(profile(), &[A, B, C]);
+    p.mode = Mode::Route;
+    let agents = BTreeMap::from([
+        agent(A, &[], Some("2001"), 5),
+        agent(B, &[], Some("2002"), 1),
+        agent(C, &[], Some("2003"), 0),
+    ]);
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]).with_agents(Arc::new(agents));
+    call.start();
+    call.handle(Input::Timer(TimerId::Setup));
+    call.handle(Input::Xmpp(XmppStatus::Online));
+    call.handle(roster(&[A, B, C]));
+    call
+}
+
+#[test]
+fn route_mode_routes_without_waiting_for_lower_ranked_silent_agents() {
+    let mut call = route_call();
+    // Bob is available, but carol (priority 0) is unheard: wait.
+    assert!(sent(&call.handle(presence("bob@example.org/y", Show::Chat))).is_empty());
+    // Carol is available and nobody unheard ranks before her: route now,
+    // without waiting for alice.
+    let out = call.handle(presence("carol@example.org/z", Show::Online));
+    assert_eq!(to(&out), [C]);
+    assert_eq!(var(&commands(&out), "POPIVR_AGENT"), Some(C));
 }
 
 #[test]
@@ -783,18 +836,7 @@ fn a_target_who_comes_online_later_gets_the_pop_too() {
 
 #[test]
 fn route_mode_picks_the_first_available_agent_by_priority() {
-    let mut p = with_presence(profile(), &[A, B, C]);
-    p.mode = Mode::Route;
-    let agents = BTreeMap::from([
-        agent(A, &[], Some("2001"), 5),
-        agent(B, &[], Some("2002"), 1),
-        agent(C, &[], Some("2003"), 0),
-    ]);
-    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]).with_agents(Arc::new(agents));
-    call.start();
-    call.handle(Input::Timer(TimerId::Setup));
-    call.handle(Input::Xmpp(XmppStatus::Online));
-    call.handle(roster(&[A, B, C]));
+    let mut call = route_call();
     call.handle(presence("alice@example.org/x", Show::Online));
     call.handle(presence("carol@example.org", Show::Unavailable));
     let out = call.handle(presence("bob@example.org/y", Show::Chat));
