@@ -1093,9 +1093,11 @@ impl Call {
                 _ => None,
             };
             for to in &self.popped {
+                // `agent` is the answerer's bare JID, also when they
+                // answered in the room (its real JID): they are told the
+                // outcome, not that someone took the call.
                 let template = match winner {
-                    Some(Peer::Chat(jid)) if jid != to => &self.profile.taken,
-                    Some(Peer::Room(_)) => &self.profile.taken,
+                    Some(_) if *to != agent => &self.profile.taken,
                     _ => &self.profile.confirm,
                 };
                 let body = self.text(template, &text, &agent, to);

@@ -1021,6 +1021,34 @@ fn a_room_pop_waits_for_the_join_and_takes_an_allowed_occupant_reply() {
     );
 }
 
+/// Alice and bob got the pop one to one and in the room; alice answers
+/// in the room. She is told the outcome, bob that she took the call: she
+/// is not told that she herself took it.
+#[test]
+fn the_agent_who_answered_in_the_room_is_not_told_it_was_taken() {
+    let mut p = room_profile(&[A, B], &[]);
+    p.targets = vec![A.into(), B.into()];
+    let (mut call, _) = popped_call_with(p);
+    call.handle(occupant("al", Some(A)));
+    call.handle(Input::Joined(ROOM.into()));
+    let out = call.handle(room_says("al", "1"));
+    assert_eq!(var(&commands(&out), "POPIVR_AGENT"), Some(A));
+    let to_alice: Vec<String> = sent(&out)
+        .into_iter()
+        .filter(|(to, _)| to == A)
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(to_alice, ["Call from 5551234: sent to desk"]);
+    let to_bob: Vec<String> = sent(&out)
+        .into_iter()
+        .filter(|(to, _)| to == B)
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(to_bob.len(), 1);
+    assert!(to_bob[0].contains("taken by"), "{to_bob:?}");
+    assert_eq!(room_msgs(&out), ["Call from 5551234: sent to desk"]);
+}
+
 #[test]
 fn a_room_that_hides_real_jids_is_answered_by_allowed_nicks() {
     let (mut call, _) = popped_call_with(room_profile(&[A], &["desk1"]));
