@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    IncomingMessage, IncomingPresence, Input, Level, MsgKind, OutgoingMessage, Output, RosterItem,
-    Show, TimerId, XmppStatus,
+    IncomingMessage, IncomingPresence, Input, Level, MsgKind, OutgoingMessage, Output, RealJids,
+    RosterItem, Show, TimerId, XmppStatus,
 };
 use crate::config::{Action, ActionKind, Agent, Mode, Nobody, PresencePolicy, Profile};
 use crate::eivr::{Command, Event, split_vars};
@@ -294,7 +294,10 @@ impl Call {
             Input::Message(msg) => self.on_message(msg, &mut out),
             Input::Presence(p) => self.on_presence(p, &mut out),
             Input::Roster(items) => self.on_roster(&items, &mut out),
-            Input::Joined(room) => self.on_room(&room, None, &mut out),
+            Input::Joined(room, jids) => {
+                self.warn_if_room_hides_jids(&room, jids, &mut out);
+                self.on_room(&room, None, &mut out)
+            }
             Input::RoomFailed(room, cause) => self.on_room(&room, Some(cause), &mut out),
             Input::Timer(id) => self.on_timer(id, &mut out),
             Input::Closed => {
@@ -634,6 +637,19 @@ impl Call {
         }
     }
 
+    /// A room that hides real JIDs from popivr cannot tell it who
+    /// answered: say so at once (a room an admin creates is like that on
+    /// stock ejabberd and prosody), unless `room_allow` names nicks on
+    /// purpose.
+    fn warn_if_room_hides_jids(&self, room: &str, jids: RealJids, out: &mut Vec<Output>) {
+        let Some(ours) = self.profile.room.as_ref().filter(|r| r.jid == room) else {
+            return;
+        };
+        if jids == RealJids::Hidden && ours.allow_nicks.is_empty() {
+            log(out, Level::Warn, room_hides_jids(room));
+        }
+    }
+
     fn on_room(&mut self, room: &str, failed: Option<String>, out: &mut Vec<Output>) {
         if !matches!(&self.profile.room, Some(r) if r.jid == room)
             || self.room != RoomState::Joining
@@ -903,6 +919,14 @@ impl Call {
                 let allowed = match self.occupants.get(nick) {
                     Some(Some(real)) => room.allow_jids.contains(real).then(|| real.clone()),
                     // The room hides real JIDs: nicks are all we have.
+                    Some(None) if room.allow_nicks.is_empty() => {
+                        let why = format!(
+                            "answer from {nick} in {from} ignored: {}",
+                            room_hides_jids(from)
+                        );
+                        log(out, Level::Warn, why);
+                        return None;
+                    }
                     Some(None) => room
                         .allow_nicks
                         .iter()
@@ -1177,4 +1201,14 @@ fn filter_reply(reply: &str) -> String {
 /// The resource of a full JID (a room occupant's nick).
 fn resource(full: &str) -> &str {
     full.split_once('/').map_or("", |(_, r)| r)
+}
+
+/// Why answers in `room` cannot be checked, and what to do about it.
+pub fn room_hides_jids(room: &str) -> String {
+    format!(
+        "room {room} hides its occupants' real JIDs from popivr, so answers there cannot be \
+         checked against room_allow and are ignored. Make the room non-anonymous (ejabberd: \
+         room option anonymous: false; prosody: whois = anyone), or make popivr's account a \
+         moderator there, or name nicks in room_allow on purpose"
+    )
 }

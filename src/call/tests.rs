@@ -998,7 +998,7 @@ fn a_room_pop_waits_for_the_join_and_takes_an_allowed_occupant_reply() {
     assert!(room_msgs(&out).is_empty(), "not joined yet");
     call.handle(occupant("al", Some(A)));
     call.handle(occupant("mallory", Some("mallory@example.org")));
-    let out = call.handle(Input::Joined(ROOM.into()));
+    let out = call.handle(Input::Joined(ROOM.into(), RealJids::Shown));
     assert_eq!(room_msgs(&out), ["Call from Doe, John <5551234>"]);
     // Our own echo, a stranger and old history never steer.
     assert!(commands(&call.handle(room_says("popivr", "1"))).is_empty());
@@ -1030,7 +1030,7 @@ fn the_agent_who_answered_in_the_room_is_not_told_it_was_taken() {
     p.targets = vec![A.into(), B.into()];
     let (mut call, _) = popped_call_with(p);
     call.handle(occupant("al", Some(A)));
-    call.handle(Input::Joined(ROOM.into()));
+    call.handle(Input::Joined(ROOM.into(), RealJids::Shown));
     let out = call.handle(room_says("al", "1"));
     assert_eq!(var(&commands(&out), "POPIVR_AGENT"), Some(A));
     let to_alice: Vec<String> = sent(&out)
@@ -1054,7 +1054,11 @@ fn a_room_that_hides_real_jids_is_answered_by_allowed_nicks() {
     let (mut call, _) = popped_call_with(room_profile(&[A], &["desk1"]));
     call.handle(occupant("desk1", None));
     call.handle(occupant("desk2", None));
-    call.handle(Input::Joined(ROOM.into()));
+    let out = call.handle(Input::Joined(ROOM.into(), RealJids::Hidden));
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Log(Level::Warn, _))),
+        "nicks named on purpose: no warning"
+    );
     assert!(commands(&call.handle(room_says("desk2", "1"))).is_empty());
     let out = call.handle(room_says("desk1", "bogus"));
     assert_eq!(room_msgs(&out), ["desk1: Reply 1 or 2"]);
@@ -1063,6 +1067,38 @@ fn a_room_that_hides_real_jids_is_answered_by_allowed_nicks() {
         var(&cmds, "POPIVR_AGENT"),
         Some("sales@conference.example.org/desk1")
     );
+}
+
+/// A room that hides real JIDs (the default for rooms an admin creates on
+/// stock ejabberd and prosody) and a `room_allow` of JIDs only: popivr
+/// says at once, at warning level, that answers there cannot be checked,
+/// and says it again for each answer it ignores (not at debug level).
+#[test]
+fn a_room_that_hides_real_jids_is_named_at_once_and_at_each_answer() {
+    let warnings = |out: &[Output]| -> Vec<String> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Log(Level::Warn, t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let (mut call, _) = popped_call_with(room_profile(&[A], &[]));
+    call.handle(occupant("al", None));
+    let out = call.handle(Input::Joined(ROOM.into(), RealJids::Hidden));
+    let w = warnings(&out);
+    assert_eq!(w.len(), 1, "{out:?}");
+    assert!(w[0].contains("hides its occupants' real JIDs"), "{w:?}");
+    assert!(w[0].contains("anonymous: false"), "{w:?}");
+    let out = call.handle(room_says("al", "1"));
+    assert!(commands(&out).is_empty());
+    let w = warnings(&out);
+    assert_eq!(w.len(), 1, "{out:?}");
+    assert!(w[0].starts_with("answer from al in "), "{w:?}");
+    // A room that shows them: no warning.
+    let (mut call, _) = popped_call_with(room_profile(&[A], &[]));
+    let out = call.handle(Input::Joined(ROOM.into(), RealJids::Shown));
+    assert!(warnings(&out).is_empty());
 }
 
 #[test]
