@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use popivr::call::RealJids;
 use popivr::config::{self, ActionKind, Config, PresencePolicy, Profile};
-use popivr::xmpp::{ContactState, Show};
+use popivr::xmpp::{ContactState, Show, XmppEvent, XmppStatus};
 
 /// A caller on hold longer than this is probably a typo (minutes for
 /// seconds) or an abandoned caller.
@@ -62,9 +63,14 @@ pub fn check(path: &Path, options: Options) -> Result<ExitCode> {
         );
     }
     if !options.offline {
-        let (failed, unseen) = logins(&config, options.presence_wait)?;
+        let (failed, unseen, rooms) = logins(&config, options.presence_wait)?;
         if failed > 0 {
             failures.push(format!("{failed} account(s) could not log in"));
+        }
+        if rooms > 0 {
+            failures.push(format!(
+                "{rooms} room(s) cannot be joined or hide who answers"
+            ));
         }
         if unseen > 0 {
             failures.push(format!(
@@ -86,7 +92,7 @@ pub fn check(path: &Path, options: Options) -> Result<ExitCode> {
 /// each target stands with it. Returns the number of accounts that could
 /// not log in, and of targets that get no pops because popivr cannot see
 /// their presence.
-fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize)> {
+fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize, usize)> {
     let used: BTreeSet<&str> = config
         .profiles
         .values()
@@ -95,7 +101,7 @@ fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize)> {
         .collect();
     if used.is_empty() {
         println!("no profile has targets: no XMPP login needed");
-        return Ok((0, 0));
+        return Ok((0, 0, 0));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -103,6 +109,7 @@ fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize)> {
         .context("cannot start the runtime")?;
     let mut failed = 0;
     let mut unseen = 0;
+    let mut rooms = 0;
     for name in used {
         let Some(account) = config.accounts.get(name) else {
             continue;
@@ -131,6 +138,7 @@ fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize)> {
                 continue;
             }
         }
+        rooms += rt.block_on(check_rooms(config, name, account, presence_wait));
         let targets = targets_of(config, name);
         if targets.is_empty() {
             continue;
@@ -151,7 +159,70 @@ fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize)> {
             }
         }
     }
-    Ok((failed, unseen))
+    Ok((failed, unseen, rooms))
+}
+
+/// Join each room a profile of `account` posts to, as a call does, and
+/// say whether popivr can tell who answers there. Returns how many rooms
+/// failed: not joined, or hiding real JIDs while `room_allow` names none
+/// of the nicks it could go by instead.
+async fn check_rooms(
+    config: &Config,
+    name: &str,
+    account: &config::Account,
+    wait: Duration,
+) -> usize {
+    let mut seen = BTreeSet::new();
+    let mut failed = 0;
+    let rooms = config
+        .profiles
+        .values()
+        .filter(|p| p.account == name)
+        .filter_map(|p| p.room.as_ref())
+        .filter(|r| seen.insert(r.jid.clone()));
+    for room in rooms {
+        let options = popivr::xmpp::SessionOptions {
+            rooms: vec![(room.jid.clone(), room.nick.clone())],
+            ..Default::default()
+        };
+        let mut session = popivr::xmpp::spawn(account.clone(), options);
+        let bound = account.timeout + wait;
+        let result = tokio::time::timeout(bound, async {
+            loop {
+                match session.recv().await {
+                    Some(XmppEvent::Joined(_, jids)) => return Ok(jids),
+                    Some(XmppEvent::RoomFailed(_, cause)) => return Err(cause),
+                    Some(XmppEvent::Status(XmppStatus::Failed(cause))) => return Err(cause),
+                    Some(_) => continue,
+                    None => return Err("the session ended".to_string()),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {}", secs(bound))));
+        session.close().await;
+        let jid = &room.jid;
+        match result {
+            Ok(RealJids::Shown) => println!("  room {jid}: joined; real JIDs shown"),
+            Ok(RealJids::Hidden) if !room.allow_nicks.is_empty() => println!(
+                "  room {jid}: joined; real JIDs hidden: answers are checked by nick only \
+                 ({})",
+                room.allow_nicks.join(", ")
+            ),
+            Ok(RealJids::Hidden) => {
+                failed += 1;
+                println!(
+                    "  room {jid}: FAILED: {}",
+                    popivr::call::room_hides_jids(jid)
+                );
+            }
+            Err(cause) => {
+                failed += 1;
+                println!("  room {jid}: join FAILED: {cause}");
+            }
+        }
+    }
+    failed
 }
 
 /// A profile that logs in: it pops targets or a room.

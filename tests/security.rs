@@ -425,16 +425,7 @@ async fn desk_with_alice(server: &dyn Server) -> Arc<Desk> {
 /// popivr's account subscribed to `agent`'s presence, as `popivr check`
 /// does it (it asks, the agent accepts): pops only go to agents it sees.
 async fn subscribe(server: &dyn Server, agent: &mut TestAgent) {
-    let account = server.account("pbx", PBX_PW);
-    let contacts = [agent.bare()];
-    let popivr = server.jid("pbx");
-    let (states, approved) = tokio::join!(
-        popivr::xmpp::survey(&account, &contacts, WAIT),
-        agent.approve_subscription(&popivr, WAIT)
-    );
-    assert!(approved, "no subscription request from popivr");
-    let states = states.expect("popivr's account logs in");
-    assert!(states.iter().all(|s| s.subscribed), "{states:?}");
+    agent.subscribe_popivr(server, PBX_PW).await;
 }
 
 /// Call 1 ends at its timeout; call 2 pops alice again. Alice then

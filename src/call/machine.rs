@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    IncomingMessage, IncomingPresence, Input, Level, MsgKind, OutgoingMessage, Output, RosterItem,
-    Show, TimerId, XmppStatus,
+    IncomingMessage, IncomingPresence, Input, Level, MsgKind, OutgoingMessage, Output, RealJids,
+    RosterItem, Show, TimerId, XmppStatus,
 };
 use crate::config::{Action, ActionKind, Agent, Mode, Nobody, PresencePolicy, Profile};
 use crate::eivr::{Command, Event, split_vars};
@@ -294,7 +294,10 @@ impl Call {
             Input::Message(msg) => self.on_message(msg, &mut out),
             Input::Presence(p) => self.on_presence(p, &mut out),
             Input::Roster(items) => self.on_roster(&items, &mut out),
-            Input::Joined(room) => self.on_room(&room, None, &mut out),
+            Input::Joined(room, jids) => {
+                self.warn_if_room_hides_jids(&room, jids, &mut out);
+                self.on_room(&room, None, &mut out)
+            }
             Input::RoomFailed(room, cause) => self.on_room(&room, Some(cause), &mut out),
             Input::Timer(id) => self.on_timer(id, &mut out),
             Input::Closed => {
@@ -546,7 +549,13 @@ impl Call {
             .or_default()
             .insert(p.from_full.clone(), p.show);
         if !self.presence_ready {
-            self.check_presence_ready(out);
+            if !was && self.available(&p.from_bare) && self.pops_early(&p.from_bare) {
+                self.presence_ready = true;
+                out.push(Output::CancelTimer(TimerId::Presence));
+                self.maybe_pop(out);
+            } else {
+                self.check_presence_ready(out);
+            }
             return;
         }
         // A target who comes online while the call waits gets the pop too.
@@ -570,6 +579,42 @@ impl Call {
         }
     }
 
+    /// Whether `jid`, just heard available, decides the pop without
+    /// waiting for the other targets' presence. Servers need not answer
+    /// the probe for an offline contact (ejabberd does not), so waiting to
+    /// hear everyone would hold every pop for `presence_wait`.
+    /// - interactive: yes; a target heard available later gets the pop
+    ///   then ("now available").
+    /// - route: when no target still unheard could rank before `jid`.
+    /// - missed notices and a room still being joined: no, they go out
+    ///   once, when the window is over.
+    fn pops_early(&self, jid: &str) -> bool {
+        if self.room == RoomState::Joining {
+            return false;
+        }
+        match self.profile.mode {
+            Mode::Interactive => true,
+            Mode::Route => {
+                let Some(roster) = &self.roster else {
+                    return false;
+                };
+                let targets = &self.profile.targets;
+                let rank = |t: &String| {
+                    let index = targets.iter().position(|x| x == t);
+                    (self.agent(t).map_or(0, |a| a.priority), index)
+                };
+                let Some(mine) = targets.iter().find(|t| t.as_str() == jid).map(rank) else {
+                    return false;
+                };
+                targets
+                    .iter()
+                    .filter(|t| roster.contains(*t) && !self.presence.contains_key(*t))
+                    .all(|t| rank(t) > mine)
+            }
+            _ => false,
+        }
+    }
+
     /// Every subscribed target has told us its presence: no need to wait
     /// for the rest of the window.
     fn check_presence_ready(&mut self, out: &mut Vec<Output>) {
@@ -589,6 +634,19 @@ impl Call {
             self.presence_ready = true;
             out.push(Output::CancelTimer(TimerId::Presence));
             self.maybe_pop(out);
+        }
+    }
+
+    /// A room that hides real JIDs from popivr cannot tell it who
+    /// answered: say so at once (a room an admin creates is like that on
+    /// stock ejabberd and prosody), unless `room_allow` names nicks on
+    /// purpose.
+    fn warn_if_room_hides_jids(&self, room: &str, jids: RealJids, out: &mut Vec<Output>) {
+        let Some(ours) = self.profile.room.as_ref().filter(|r| r.jid == room) else {
+            return;
+        };
+        if jids == RealJids::Hidden && ours.allow_nicks.is_empty() {
+            log(out, Level::Warn, room_hides_jids(room));
         }
     }
 
@@ -861,6 +919,14 @@ impl Call {
                 let allowed = match self.occupants.get(nick) {
                     Some(Some(real)) => room.allow_jids.contains(real).then(|| real.clone()),
                     // The room hides real JIDs: nicks are all we have.
+                    Some(None) if room.allow_nicks.is_empty() => {
+                        let why = format!(
+                            "answer from {nick} in {from} ignored: {}",
+                            room_hides_jids(from)
+                        );
+                        log(out, Level::Warn, why);
+                        return None;
+                    }
                     Some(None) => room
                         .allow_nicks
                         .iter()
@@ -1051,9 +1117,11 @@ impl Call {
                 _ => None,
             };
             for to in &self.popped {
+                // `agent` is the answerer's bare JID, also when they
+                // answered in the room (its real JID): they are told the
+                // outcome, not that someone took the call.
                 let template = match winner {
-                    Some(Peer::Chat(jid)) if jid != to => &self.profile.taken,
-                    Some(Peer::Room(_)) => &self.profile.taken,
+                    Some(_) if *to != agent => &self.profile.taken,
                     _ => &self.profile.confirm,
                 };
                 let body = self.text(template, &text, &agent, to);
@@ -1133,4 +1201,14 @@ fn filter_reply(reply: &str) -> String {
 /// The resource of a full JID (a room occupant's nick).
 fn resource(full: &str) -> &str {
     full.split_once('/').map_or("", |(_, r)| r)
+}
+
+/// Why answers in `room` cannot be checked, and what to do about it.
+pub fn room_hides_jids(room: &str) -> String {
+    format!(
+        "room {room} hides its occupants' real JIDs from popivr, so answers there cannot be \
+         checked against room_allow and are ignored. Make the room non-anonymous (ejabberd: \
+         room option anonymous: false; prosody: whois = anyone), or make popivr's account a \
+         moderator there, or name nicks in room_allow on purpose"
+    )
 }

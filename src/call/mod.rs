@@ -6,7 +6,9 @@ use std::time::Duration;
 use crate::eivr::{Command, EventLine};
 
 mod machine;
-pub use machine::{CALLER_NAME, CALLER_NUM, Call, CallData, DNID, ENCODED_PREFIX, EXTEN, UNIQUEID};
+pub use machine::{
+    CALLER_NAME, CALLER_NUM, Call, CallData, DNID, ENCODED_PREFIX, EXTEN, UNIQUEID, room_hides_jids,
+};
 
 /// Kind of an incoming XMPP message (`type` attribute; absent = `Normal`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +135,15 @@ pub struct MucPresence {
     pub is_self: bool,
 }
 
+/// Whether a room shows popivr its occupants' real JIDs: a non-anonymous
+/// room (status 100 on our join) does, a semi-anonymous one only to its
+/// moderators. Stock ejabberd and prosody make rooms semi-anonymous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RealJids {
+    Shown,
+    Hidden,
+}
+
 /// A presence as the call core (or the `serve` shell) sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncomingPresence {
@@ -191,8 +202,8 @@ pub enum Input {
     Presence(IncomingPresence),
     /// Our roster, once after login.
     Roster(Vec<RosterItem>),
-    /// We are in this group chat room.
-    Joined(String),
+    /// We are in this group chat room, seeing occupants' real JIDs or not.
+    Joined(String, RealJids),
     /// Joining this room failed, for this reason.
     RoomFailed(String, String),
     Timer(TimerId),

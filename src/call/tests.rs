@@ -629,7 +629,7 @@ const B: &str = "bob@example.org";
 const C: &str = "carol@example.org";
 
 #[test]
-fn the_pop_goes_only_to_available_agents_once_all_presence_is_in() {
+fn the_pop_goes_only_to_available_agents_as_they_are_heard() {
     let p = with_presence(profile(), &[A, B, C]);
     let (mut call, out) = online_call(p);
     assert!(sent(&out).is_empty(), "no pop before presence is known");
@@ -639,11 +639,13 @@ fn the_pop_goes_only_to_available_agents_once_all_presence_is_in() {
     )));
     assert!(sent(&call.handle(roster(&[A, B, C]))).is_empty());
     assert!(sent(&call.handle(presence("alice@example.org/phone", Show::Away))).is_empty());
-    assert!(sent(&call.handle(presence("bob@example.org/desk", Show::Chat))).is_empty());
-    // The last subscribed target is heard: no need to wait for the timer.
-    let out = call.handle(presence("carol@example.org", Show::Unavailable));
+    // The first available target gets the pop at once, without waiting
+    // for carol, whom the server may never report (ejabberd does not
+    // answer probes for offline contacts).
+    let out = call.handle(presence("bob@example.org/desk", Show::Chat));
     assert_eq!(to(&out), [B]);
     assert!(out.contains(&Output::CancelTimer(TimerId::Presence)));
+    assert!(sent(&call.handle(presence("carol@example.org", Show::Unavailable))).is_empty());
     // Only those popped may steer.
     assert!(commands(&call.handle(msg(A, "1"))).is_empty());
     let cmds = commands(&call.handle(msg(B, "1")));
@@ -678,14 +680,65 @@ fn any_available_resource_makes_the_agent_available() {
     assert!(call.handle(Input::Timer(TimerId::Presence)).is_empty());
 }
 
+/// A silent target (ejabberd says nothing about an offline contact)
+/// holds back neither an interactive pop nor, once nobody unheard could
+/// rank first, a route; missed notices wait for the window. A target
+/// heard available after the first pop gets it then.
 #[test]
-fn a_silent_target_is_waited_for_only_until_the_presence_timer() {
+fn a_silent_target_holds_back_only_what_must_know_everyone() {
     let p = with_presence(profile(), &[A, B]);
+    let (mut call, _) = online_call(p);
+    call.handle(roster(&[A, B]));
+    assert_eq!(
+        to(&call.handle(presence("alice@example.org/x", Show::Online))),
+        [A]
+    );
+    assert!(sent(&call.handle(Input::Timer(TimerId::Presence))).is_empty());
+    // Bob, heard available after the pop, gets it then, and may answer.
+    assert_eq!(
+        to(&call.handle(presence("bob@example.org/y", Show::Online))),
+        [B]
+    );
+    let cmds = commands(&call.handle(msg(B, "1")));
+    assert_eq!(var(&cmds, "POPIVR_AGENT"), Some(B));
+
+    let mut p = with_presence(profile(), &[A, B]);
+    p.mode = Mode::Missed;
     let (mut call, _) = online_call(p);
     call.handle(roster(&[A, B]));
     assert!(sent(&call.handle(presence("alice@example.org/x", Show::Online))).is_empty());
     let out = call.handle(Input::Timer(TimerId::Presence));
     assert_eq!(to(&out), [A]);
+}
+
+/// A route over A (priority 5), B (1) and C (0), all subscribed, online,
+/// waiting for presence.
+fn route_call() -> Call {
+    let mut p = with_presence(profile(), &[A, B, C]);
+    p.mode = Mode::Route;
+    let agents = BTreeMap::from([
+        agent(A, &[], Some("2001"), 5),
+        agent(B, &[], Some("2002"), 1),
+        agent(C, &[], Some("2003"), 0),
+    ]);
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]).with_agents(Arc::new(agents));
+    call.start();
+    call.handle(Input::Timer(TimerId::Setup));
+    call.handle(Input::Xmpp(XmppStatus::Online));
+    call.handle(roster(&[A, B, C]));
+    call
+}
+
+#[test]
+fn route_mode_routes_without_waiting_for_lower_ranked_silent_agents() {
+    let mut call = route_call();
+    // Bob is available, but carol (priority 0) is unheard: wait.
+    assert!(sent(&call.handle(presence("bob@example.org/y", Show::Chat))).is_empty());
+    // Carol is available and nobody unheard ranks before her: route now,
+    // without waiting for alice.
+    let out = call.handle(presence("carol@example.org/z", Show::Online));
+    assert_eq!(to(&out), [C]);
+    assert_eq!(var(&commands(&out), "POPIVR_AGENT"), Some(C));
 }
 
 #[test]
@@ -786,18 +839,7 @@ fn a_target_who_comes_online_later_gets_the_pop_too() {
 
 #[test]
 fn route_mode_picks_the_first_available_agent_by_priority() {
-    let mut p = with_presence(profile(), &[A, B, C]);
-    p.mode = Mode::Route;
-    let agents = BTreeMap::from([
-        agent(A, &[], Some("2001"), 5),
-        agent(B, &[], Some("2002"), 1),
-        agent(C, &[], Some("2003"), 0),
-    ]);
-    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]).with_agents(Arc::new(agents));
-    call.start();
-    call.handle(Input::Timer(TimerId::Setup));
-    call.handle(Input::Xmpp(XmppStatus::Online));
-    call.handle(roster(&[A, B, C]));
+    let mut call = route_call();
     call.handle(presence("alice@example.org/x", Show::Online));
     call.handle(presence("carol@example.org", Show::Unavailable));
     let out = call.handle(presence("bob@example.org/y", Show::Chat));
@@ -960,7 +1002,7 @@ fn a_room_pop_waits_for_the_join_and_takes_an_allowed_occupant_reply() {
     assert!(room_msgs(&out).is_empty(), "not joined yet");
     call.handle(occupant("al", Some(A)));
     call.handle(occupant("mallory", Some("mallory@example.org")));
-    let out = call.handle(Input::Joined(ROOM.into()));
+    let out = call.handle(Input::Joined(ROOM.into(), RealJids::Shown));
     assert_eq!(room_msgs(&out), ["Call from Doe, John <5551234>"]);
     // Our own echo, a stranger and old history never steer.
     assert!(commands(&call.handle(room_says("popivr", "1"))).is_empty());
@@ -983,12 +1025,44 @@ fn a_room_pop_waits_for_the_join_and_takes_an_allowed_occupant_reply() {
     );
 }
 
+/// Alice and bob got the pop one to one and in the room; alice answers
+/// in the room. She is told the outcome, bob that she took the call: she
+/// is not told that she herself took it.
+#[test]
+fn the_agent_who_answered_in_the_room_is_not_told_it_was_taken() {
+    let mut p = room_profile(&[A, B], &[]);
+    p.targets = vec![A.into(), B.into()];
+    let (mut call, _) = popped_call_with(p);
+    call.handle(occupant("al", Some(A)));
+    call.handle(Input::Joined(ROOM.into(), RealJids::Shown));
+    let out = call.handle(room_says("al", "1"));
+    assert_eq!(var(&commands(&out), "POPIVR_AGENT"), Some(A));
+    let to_alice: Vec<String> = sent(&out)
+        .into_iter()
+        .filter(|(to, _)| to == A)
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(to_alice, ["Call from 5551234: sent to desk"]);
+    let to_bob: Vec<String> = sent(&out)
+        .into_iter()
+        .filter(|(to, _)| to == B)
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(to_bob.len(), 1);
+    assert!(to_bob[0].contains("taken by"), "{to_bob:?}");
+    assert_eq!(room_msgs(&out), ["Call from 5551234: sent to desk"]);
+}
+
 #[test]
 fn a_room_that_hides_real_jids_is_answered_by_allowed_nicks() {
     let (mut call, _) = popped_call_with(room_profile(&[A], &["desk1"]));
     call.handle(occupant("desk1", None));
     call.handle(occupant("desk2", None));
-    call.handle(Input::Joined(ROOM.into()));
+    let out = call.handle(Input::Joined(ROOM.into(), RealJids::Hidden));
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Log(Level::Warn, _))),
+        "nicks named on purpose: no warning"
+    );
     assert!(commands(&call.handle(room_says("desk2", "1"))).is_empty());
     let out = call.handle(room_says("desk1", "bogus"));
     assert_eq!(room_msgs(&out), ["desk1: Reply 1 or 2"]);
@@ -997,6 +1071,38 @@ fn a_room_that_hides_real_jids_is_answered_by_allowed_nicks() {
         var(&cmds, "POPIVR_AGENT"),
         Some("sales@conference.example.org/desk1")
     );
+}
+
+/// A room that hides real JIDs (the default for rooms an admin creates on
+/// stock ejabberd and prosody) and a `room_allow` of JIDs only: popivr
+/// says at once, at warning level, that answers there cannot be checked,
+/// and says it again for each answer it ignores (not at debug level).
+#[test]
+fn a_room_that_hides_real_jids_is_named_at_once_and_at_each_answer() {
+    let warnings = |out: &[Output]| -> Vec<String> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Log(Level::Warn, t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let (mut call, _) = popped_call_with(room_profile(&[A], &[]));
+    call.handle(occupant("al", None));
+    let out = call.handle(Input::Joined(ROOM.into(), RealJids::Hidden));
+    let w = warnings(&out);
+    assert_eq!(w.len(), 1, "{out:?}");
+    assert!(w[0].contains("hides its occupants' real JIDs"), "{w:?}");
+    assert!(w[0].contains("anonymous: false"), "{w:?}");
+    let out = call.handle(room_says("al", "1"));
+    assert!(commands(&out).is_empty());
+    let w = warnings(&out);
+    assert_eq!(w.len(), 1, "{out:?}");
+    assert!(w[0].starts_with("answer from al in "), "{w:?}");
+    // A room that shows them: no warning.
+    let (mut call, _) = popped_call_with(room_profile(&[A], &[]));
+    let out = call.handle(Input::Joined(ROOM.into(), RealJids::Shown));
+    assert!(warnings(&out).is_empty());
 }
 
 #[test]

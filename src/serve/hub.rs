@@ -215,7 +215,7 @@ struct Seen {
     /// unavailable presence once none is left.
     presence: BTreeMap<String, BTreeMap<String, IncomingPresence>>,
     /// Rooms joined (`None`) or not (`Some(cause)`).
-    rooms: BTreeMap<String, Option<String>>,
+    rooms: BTreeMap<String, Result<crate::call::RealJids, String>>,
 }
 
 impl Seen {
@@ -251,10 +251,10 @@ impl Seen {
         for resources in self.presence.values() {
             out.extend(resources.values().cloned().map(Input::Presence));
         }
-        for (room, failed) in &self.rooms {
-            out.push(match failed {
-                None => Input::Joined(room.clone()),
-                Some(cause) => Input::RoomFailed(room.clone(), cause.clone()),
+        for (room, joined) in &self.rooms {
+            out.push(match joined {
+                Ok(jids) => Input::Joined(room.clone(), *jids),
+                Err(cause) => Input::RoomFailed(room.clone(), cause.clone()),
             });
         }
         out
@@ -389,12 +389,12 @@ impl State {
                 self.broadcast(XmppEvent::Roster(items));
             }
             XmppEvent::RosterUpdate(item) => self.seen.roster_update(item),
-            XmppEvent::Joined(room) => {
-                self.seen.rooms.insert(room.clone(), None);
-                self.broadcast(XmppEvent::Joined(room));
+            XmppEvent::Joined(room, jids) => {
+                self.seen.rooms.insert(room.clone(), Ok(jids));
+                self.broadcast(XmppEvent::Joined(room, jids));
             }
             XmppEvent::RoomFailed(room, cause) => {
-                self.seen.rooms.insert(room.clone(), Some(cause.clone()));
+                self.seen.rooms.insert(room.clone(), Err(cause.clone()));
                 self.broadcast(XmppEvent::RoomFailed(room, cause));
             }
         }
@@ -540,7 +540,8 @@ mod tests {
         };
         seen.roster_update(item("a@x", true));
         seen.roster_update(item("b@x", false));
-        seen.rooms.insert("room@muc.x".into(), None);
+        seen.rooms
+            .insert("room@muc.x".into(), Ok(crate::call::RealJids::Shown));
         seen.presence(&presence("a@x/desk", Show::Online));
         let replay = seen.replay();
         assert_eq!(
@@ -548,7 +549,10 @@ mod tests {
             Input::Roster(vec![item("a@x", true), item("b@x", false)])
         );
         assert!(matches!(replay[1], Input::Presence(_)));
-        assert_eq!(replay[2], Input::Joined("room@muc.x".into()));
+        assert_eq!(
+            replay[2],
+            Input::Joined("room@muc.x".into(), crate::call::RealJids::Shown)
+        );
     }
 
     #[test]

@@ -261,6 +261,9 @@ pub trait Server: Send + Sync {
     /// `"prosody"` or `"ejabberd"`, for test output.
     fn name(&self) -> &'static str;
     fn base(&self) -> &ServerBase;
+    fn base_mut(&mut self) -> &mut ServerBase;
+    /// Start again after a stop or kill: same port, users and data.
+    fn restart(&mut self);
     /// Register `user@domain` (also while running); panics on failure.
     fn add_user(&self, user: &str, password: &str);
     /// The server's log so far.
@@ -287,6 +290,21 @@ pub trait Server: Send + Sync {
     fn account(&self, user: &str, password: &str) -> Account {
         self.base().account(user, password)
     }
+    fn scratch_dir(&self) -> &std::path::Path {
+        self.base().scratch_dir()
+    }
+    fn stop(&mut self) {
+        self.base_mut().stop()
+    }
+    fn kill(&mut self) {
+        self.base_mut().kill()
+    }
+    fn freeze(&self) {
+        self.base().freeze()
+    }
+    fn thaw(&self) {
+        self.base().thaw()
+    }
 }
 
 impl Server for Prosody {
@@ -295,6 +313,12 @@ impl Server for Prosody {
     }
     fn base(&self) -> &ServerBase {
         self
+    }
+    fn base_mut(&mut self) -> &mut ServerBase {
+        self
+    }
+    fn restart(&mut self) {
+        Prosody::restart(self)
     }
     fn add_user(&self, user: &str, password: &str) {
         Prosody::add_user(self, user, password)
@@ -311,6 +335,12 @@ impl Server for Ejabberd {
     fn base(&self) -> &ServerBase {
         self
     }
+    fn base_mut(&mut self) -> &mut ServerBase {
+        self
+    }
+    fn restart(&mut self) {
+        Ejabberd::restart(self)
+    }
     fn add_user(&self, user: &str, password: &str) {
         Ejabberd::add_user(self, user, password)
     }
@@ -326,6 +356,16 @@ impl<T: Server + ?Sized> Server for std::sync::Arc<T> {
     }
     fn base(&self) -> &ServerBase {
         (**self).base()
+    }
+    fn base_mut(&mut self) -> &mut ServerBase {
+        std::sync::Arc::get_mut(self)
+            .expect("a shared server is stopped only by its last holder")
+            .base_mut()
+    }
+    fn restart(&mut self) {
+        std::sync::Arc::get_mut(self)
+            .expect("a shared server is restarted only by its last holder")
+            .restart()
     }
     fn add_user(&self, user: &str, password: &str) {
         (**self).add_user(user, password)

@@ -44,8 +44,8 @@ pub enum XmppEvent {
     Roster(Vec<RosterItem>),
     /// One roster entry changed (a contact accepted our request …).
     RosterUpdate(RosterItem),
-    /// We are in this room.
-    Joined(String),
+    /// We are in this room, seeing real JIDs or not.
+    Joined(String, crate::call::RealJids),
     /// Joining this room failed, for this reason.
     RoomFailed(String, String),
 }
@@ -59,7 +59,7 @@ impl XmppEvent {
             XmppEvent::Presence(p) => Some(Input::Presence(p)),
             XmppEvent::Roster(items) => Some(Input::Roster(items)),
             XmppEvent::RosterUpdate(_) => None,
-            XmppEvent::Joined(room) => Some(Input::Joined(room)),
+            XmppEvent::Joined(room, jids) => Some(Input::Joined(room, jids)),
             XmppEvent::RoomFailed(room, cause) => Some(Input::RoomFailed(room, cause)),
         }
     }

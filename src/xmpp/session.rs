@@ -21,7 +21,7 @@ use super::error::{Phase, XmppError, io_reason};
 use super::login::{Connection, Stream, login, send};
 use super::stanza::{
     announcing_presence, created_room, incoming_message, incoming_presence, join_room,
-    outgoing_message, own_presence, roster_item,
+    outgoing_message, own_presence, room_real_jids, roster_item,
 };
 use super::{SessionOptions, XmppEvent, XmppStatus};
 use crate::call::{Announcement, OutgoingMessage};
@@ -404,7 +404,7 @@ async fn on_presence(
                     };
                     send_stanza(stream, iq.into()).await?;
                 }
-                return Ok(Some(XmppEvent::Joined(room)));
+                return Ok(Some(XmppEvent::Joined(room, room_real_jids(&p))));
             }
             Ok(Some(XmppEvent::Presence(presence)))
         }

@@ -161,6 +161,28 @@ pub(crate) fn created_room(p: &Presence) -> bool {
         .any(|u| u.status.contains(&MucStatus::RoomHasBeenCreated))
 }
 
+/// Whether our own room presence `p` says we see occupants' real JIDs:
+/// status 100 (a non-anonymous room), or we are a moderator (who sees them
+/// in a semi-anonymous room too).
+pub(crate) fn room_real_jids(p: &Presence) -> crate::call::RealJids {
+    let shown = p
+        .payloads
+        .iter()
+        .filter(|e| e.is("x", xmpp_parsers::ns::MUC_USER))
+        .filter_map(|e| MucUser::try_from(e.clone()).ok())
+        .any(|u| {
+            u.status.contains(&MucStatus::NonAnonymousRoom)
+                || u.items
+                    .iter()
+                    .any(|i| i.role == xmpp_parsers::muc::user::Role::Moderator)
+        });
+    if shown {
+        crate::call::RealJids::Shown
+    } else {
+        crate::call::RealJids::Hidden
+    }
+}
+
 /// A roster entry as the call core sees it.
 pub(crate) fn roster_item(item: &RosterEntry) -> RosterItem {
     RosterItem {

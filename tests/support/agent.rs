@@ -85,6 +85,22 @@ impl TestAgent {
         agent
     }
 
+    /// Give popivr's account `pbx` a subscription to this agent's
+    /// presence, as `popivr check` does it (it asks, the agent accepts):
+    /// pops only go to agents it sees.
+    pub async fn subscribe_popivr(&mut self, server: &(impl Server + ?Sized), pbx_password: &str) {
+        let account = server.account("pbx", pbx_password);
+        let popivr = server.jid("pbx");
+        let contacts = [self.bare()];
+        let (states, approved) = tokio::join!(
+            popivr::xmpp::survey(&account, &contacts, WAIT),
+            self.approve_subscription(&popivr, WAIT)
+        );
+        assert!(approved, "no subscription request from popivr");
+        let states = states.expect("popivr's account logs in");
+        assert!(states.iter().all(|s| s.subscribed), "{states:?}");
+    }
+
     pub fn jid(&self) -> &FullJid {
         &self.jid
     }
