@@ -34,7 +34,7 @@ use popivr::sim::glob::{Glob, escape, unescape};
 use popivr::sim::replay::{Extension, Failure, Outcome, Runner, Setup};
 use popivr::sim::script::{ExtStep, Script, parse_duration};
 use popivr::sim::{Dir, Sim};
-use support::{Prosody, TestAgent, TestMessage, WAIT, body};
+use support::{Prosody, TestAgent, TestMessage, WAIT, body, subscribe};
 use xmpp_parsers::message::Message;
 
 const PBX_PW: &str = "pbx-Secret-5d0c41";
@@ -376,23 +376,8 @@ fn desk_server() -> Prosody {
 /// alice, logged in and subscribed to.
 async fn desk_with_alice(server: &Prosody) -> Arc<Desk> {
     let mut alice = TestAgent::login(server, "alice", ALICE_PW).await;
-    subscribe(server, &mut alice).await;
+    subscribe(server, ("pbx", PBX_PW), &mut [&mut alice]).await;
     Desk::new(server.jid("pbx"), vec![("alice", alice)])
-}
-
-/// popivr's account subscribed to `agent`'s presence, as `popivr check`
-/// does it (it asks, the agent accepts): pops only go to agents it sees.
-async fn subscribe(server: &Prosody, agent: &mut TestAgent) {
-    let account = server.account("pbx", PBX_PW);
-    let contacts = [agent.bare()];
-    let popivr = server.jid("pbx");
-    let (states, approved) = tokio::join!(
-        popivr::xmpp::survey(&account, &contacts, WAIT),
-        agent.approve_subscription(&popivr, WAIT)
-    );
-    assert!(approved, "no subscription request from popivr");
-    let states = states.expect("popivr's account logs in");
-    assert!(states.iter().all(|s| s.subscribed), "{states:?}");
 }
 
 /// Call 1 ends at its timeout; call 2 pops alice again. Alice then
@@ -493,7 +478,7 @@ async fn look_alike_senders_never_steer() {
     let alice = server.jid("alice");
     let mallory_as_alice = format!("{}/{alice}", server.jid("mallory"));
     let mut alice_agent = TestAgent::login(&server, "alice", ALICE_PW).await;
-    subscribe(&server, &mut alice_agent).await;
+    subscribe(&server, ("pbx", PBX_PW), &mut [&mut alice_agent]).await;
     let mut agents = vec![("alice", alice_agent)];
     for (name, jid) in [
         ("lookalike", server.jid_on(OTHER, "alice")),
@@ -607,7 +592,7 @@ fn write_private(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
 async fn check_never_prints_a_secret() {
     let server = desk_server();
     let mut alice = TestAgent::login(&server, "alice", ALICE_PW).await;
-    subscribe(&server, &mut alice).await;
+    subscribe(&server, ("pbx", PBX_PW), &mut [&mut alice]).await;
     const WRONG: &str = "wrong-But-Still-Secret-3b8e";
     for (secret, works) in [(WRONG, false), (PBX_PW, true)] {
         let text = format!(

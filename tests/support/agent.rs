@@ -215,6 +215,36 @@ impl TestAgent {
     }
 }
 
+/// popivr's account (`user` with `password` on `server`) subscribed to
+/// every agent's presence, as `popivr check` does it (it asks, the agents
+/// accept): pops only go to agents it sees. Call it before a daemon holds
+/// the account.
+pub async fn subscribe(
+    server: &Prosody,
+    (user, password): (&str, &str),
+    agents: &mut [&mut TestAgent],
+) {
+    let account = server.account(user, password);
+    let contacts: Vec<String> = agents.iter().map(|a| a.bare()).collect();
+    let popivr = server.jid(user);
+    // The request comes once popivr's account has logged in, which on a
+    // loaded machine (many servers starting at once) can itself take
+    // seconds.
+    let approvals = agents
+        .iter_mut()
+        .map(|agent| agent.approve_subscription(&popivr, 3 * WAIT));
+    let (states, approved) = futures::join!(
+        popivr::xmpp::survey(&account, &contacts, WAIT),
+        futures::future::join_all(approvals)
+    );
+    assert!(
+        approved.iter().all(|ok| *ok),
+        "an agent got no subscription request from popivr: {approved:?}"
+    );
+    let states = states.expect("popivr's account logs in");
+    assert!(states.iter().all(|s| s.subscribed), "{states:?}");
+}
+
 /// The body of a message in the default language, if any.
 pub fn body(m: &Message) -> Option<&str> {
     m.get_best_body(vec![]).map(|(_, b)| b.as_str())
