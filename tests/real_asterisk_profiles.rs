@@ -1,0 +1,305 @@
+//! popivr's other profiles on a real Asterisk 23.4.1, each driven by its
+//! **shipped** dialplan snippet (dialplan/*.conf) and the profile printed
+//! in that snippet's own comment, as an admin copies both. The tests
+//! substitute only the program path, the accounts (the JIDs' domain, the
+//! `[pbx]` client section) and, where the snippet dials phones this test
+//! Asterisk does not have (no chan_pjsip), the phones.
+//!
+//! What the dialplan did after ExternalIVR is read from AMI events
+//! (`VarSet`, `Newexten`); every test checks that no channel is left in
+//! ExternalIVR. Without an Asterisk these tests fail, saying so (see
+//! tests/real_asterisk.rs).
+
+mod support;
+
+use std::time::Duration;
+
+use popivr::testbed::asterisk::{Asterisk, Call, Originate};
+use popivr::testbed::free_port;
+use support::pbx::{self, BIN, Daemon, shipped};
+use support::{Prosody, TestAgent, WAIT, body, subscribe};
+use xmpp_parsers::message::{Message, MessageType};
+use xmpp_parsers::presence::Show;
+
+const PBX_PW: &str = "pbx-Profiles-41d7c2";
+
+fn password(user: &str) -> String {
+    format!("{user}-Profiles-8a3f")
+}
+
+/// The popivr.conf a snippet's comment shows (the indented lines after
+/// "popivr.conf:"), moved to the test server's domain.
+fn documented_profile(snippet: &str, domain: &str) -> String {
+    let mut lines = snippet.lines().skip_while(|l| !l.contains("popivr.conf:"));
+    lines.next();
+    // Indented lines, and lone `;` between them; prose ends the block.
+    let text: Vec<&str> = lines
+        .map_while(|l| match l.trim_end() {
+            ";" => Some(""),
+            l => l.strip_prefix(";   "),
+        })
+        .collect();
+    assert!(!text.is_empty(), "no popivr.conf in the snippet's comment");
+    text.join("\n")
+        .replace("@example.org", &format!("@{domain}"))
+        .replace("@conference.example.org", &format!("@conference.{domain}"))
+        + "\n"
+}
+
+/// The `[pbx]` account every documented profile names.
+fn account(xmpp: &Prosody) -> String {
+    format!(
+        "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {port}\nusername = {pbx}\n\
+         secret = {PBX_PW}\nca_file = {ca}\n\n",
+        port = xmpp.port(),
+        pbx = xmpp.jid("pbx"),
+        ca = xmpp.ca_pem().display(),
+    )
+}
+
+/// The caller side: listens, presses 1 or # after a second, or hangs up
+/// after two seconds.
+const CALLERS: &str = "\n[caller]\n\
+    exten => listen,1,Wait(60)\n\
+    exten => key1,1,Wait(1)\n same => n,SendDTMF(1)\n same => n,Wait(60)\n\
+    exten => quit,1,Wait(2)\n same => n,Hangup()\n";
+
+/// Phones for the snippets that dial: ring for a minute, never answer.
+const DESKS: &str = "\n[desks]\nexten => _X.,1,Wait(60)\n";
+
+/// prosody with popivr's account and `users`, popivr's config, the
+/// agents in `online` logged in and subscribed to, and a real Asterisk
+/// running one shipped snippet in per-call mode.
+struct Lab {
+    xmpp: Prosody,
+    agents: Vec<(String, TestAgent)>,
+    pbx: Asterisk,
+    _daemon: Option<Daemon>,
+    _dir: tempfile::TempDir,
+}
+
+struct Setup<'a> {
+    snippet: &'a str,
+    users: &'a [&'a str],
+    online: &'a [&'a str],
+    /// The snippet as the test runs it, from the shipped text.
+    adapt: &'a dyn Fn(String) -> String,
+    /// Extra popivr.conf text after the documented profile.
+    extra: &'a str,
+    sounds: &'a [(&'a str, Duration)],
+    serve: bool,
+}
+
+impl Default for Setup<'_> {
+    fn default() -> Self {
+        Setup {
+            snippet: "",
+            users: &[],
+            online: &[],
+            adapt: &|s| s,
+            extra: "",
+            sounds: &[],
+            serve: false,
+        }
+    }
+}
+
+impl Lab {
+    async fn start(setup: Setup<'_>) -> Lab {
+        let mut builder = Prosody::builder().user("pbx", PBX_PW);
+        for user in setup.users {
+            builder = builder.user(user, &password(user));
+        }
+        let xmpp = builder.start();
+        let mut agents = Vec::new();
+        for user in setup.online {
+            agents.push((
+                user.to_string(),
+                TestAgent::login(&xmpp, user, &password(user)).await,
+            ));
+        }
+        let mut refs: Vec<&mut TestAgent> = agents.iter_mut().map(|(_, a)| a).collect();
+        if !refs.is_empty() {
+            subscribe(&xmpp, ("pbx", PBX_PW), &mut refs).await;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("popivr-profiles-")
+            .tempdir()
+            .unwrap();
+        let conf = dir.path().join("popivr.conf");
+        let text = shipped(setup.snippet);
+        let profile = if setup.snippet.is_empty() {
+            String::new()
+        } else {
+            documented_profile(&text, xmpp.domain())
+        };
+        std::fs::write(&conf, format!("{}{profile}{}", account(&xmpp), setup.extra)).unwrap();
+        let daemon = setup.serve.then(|| {
+            let port = free_port();
+            (Daemon::start(&conf, port), port)
+        });
+        let mut dialplan = (setup.adapt)(text).replace("/usr/bin/popivr", BIN);
+        if let Some((_, port)) = &daemon {
+            dialplan = dialplan.replace("popivr.example.org", &format!("127.0.0.1:{port}"));
+        }
+        let mut pbx = Asterisk::builder()
+            .dialplan(&format!("{dialplan}{CALLERS}{DESKS}"))
+            // The snippets dial after ExternalIVR: app_dial shows where in
+            // a Newexten event (there is no PJSIP here, so such a Dial
+            // fails at once).
+            .module("app_dial")
+            .env("POPIVR_CONFIG", &conf.display().to_string())
+            // popivr's default hold; a real install has it.
+            .sound("silence/1", Duration::from_secs(1));
+        for (name, length) in setup.sounds {
+            pbx = pbx.sound(name, *length);
+        }
+        Lab {
+            xmpp,
+            agents,
+            pbx: pbx.start().await,
+            _daemon: daemon.map(|(d, _)| d),
+            _dir: dir,
+        }
+    }
+
+    fn agent(&mut self, user: &str) -> &mut TestAgent {
+        &mut self
+            .agents
+            .iter_mut()
+            .find(|(u, _)| u == user)
+            .unwrap_or_else(|| panic!("{user} is not online"))
+            .1
+    }
+
+    /// Two online agents at once.
+    fn two_agents(&mut self, a: &str, b: &str) -> (&mut TestAgent, &mut TestAgent) {
+        let mut both = self.agents.iter_mut().filter(|(u, _)| u == a || u == b);
+        let (first, second) = (both.next().unwrap(), both.next().unwrap());
+        if first.0 == a {
+            (&mut first.1, &mut second.1)
+        } else {
+            (&mut second.1, &mut first.1)
+        }
+    }
+
+    /// A call to `dest` (`EXTEN@CONTEXT` of the snippet) from a caller
+    /// who runs `caller` of the [caller] context.
+    async fn call(&self, dest: &str, caller: &str, num: &str, name: &str) -> Call {
+        self.pbx
+            .originate(
+                Originate::new(&format!("Local/{dest}"))
+                    .caller_id(num, name)
+                    .exten("caller", caller),
+            )
+            .await
+            .expect("originate")
+    }
+
+    /// After the test: no channel in ExternalIVR, none at all, and no
+    /// popivr process left.
+    async fn all_done(&self) {
+        pbx::none_left_in_externalivr(&self.pbx).await;
+        assert!(self.pbx.wait_no_channels(WAIT).await, "channels left");
+        pbx::no_popivr_left(&self.pbx).await;
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // On a failure, what Asterisk and popivr (its stderr lines) said.
+        if std::thread::panicking() {
+            let log = self.pbx.log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("--- Asterisk log, last lines ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+fn chat_body(m: &Message) -> Option<&str> {
+    (m.type_ != MessageType::Groupchat)
+        .then(|| body(m))
+        .flatten()
+}
+
+/// Team pop: the available members get the pop, two answer at once;
+/// exactly one action reaches the dialplan, the call rings the winner's
+/// desk, and the other is told who took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn team_race_one_winner_the_other_is_told() {
+    let mut lab = Lab::start(Setup {
+        snippet: "team-pop.conf",
+        users: &["alice", "bob", "carol"],
+        online: &["alice", "bob", "carol"],
+        ..Setup::default()
+    })
+    .await;
+    lab.agent("carol")
+        .set_presence(Some(Show::Away), None)
+        .await;
+    let call = lab
+        .call("200@from-trunk", "listen", "5552001", "Team Caller")
+        .await;
+    let popivr = lab.xmpp.jid("pbx");
+    for user in ["alice", "bob"] {
+        let pop = lab
+            .agent(user)
+            .expect_message(|m| chat_body(m).is_some())
+            .await;
+        assert!(
+            chat_body(&pop).unwrap().contains("5552001"),
+            "{user}: {:?}",
+            chat_body(&pop)
+        );
+    }
+    assert!(
+        !pbx::popivr_processes(&lab.pbx).is_empty(),
+        "the call's popivr runs while it waits"
+    );
+    let (alice, bob) = lab.two_agents("alice", "bob");
+    // Both answers leave together: whichever popivr reads first wins.
+    tokio::join!(
+        alice.send_chat(&popivr, "1"),
+        bob.send_chat(&popivr, "take")
+    );
+
+    assert_eq!(pbx::action(&lab.pbx, &call, WAIT).await, "take");
+    let winner = pbx::var_set(&lab.pbx, &call, "POPIVR_AGENT", WAIT).await;
+    let (winner_user, winner_exten, loser_user) = if winner == lab.xmpp.jid("alice") {
+        ("alice", "2001", "bob")
+    } else {
+        assert_eq!(winner, lab.xmpp.jid("bob"), "the winner is one of them");
+        ("bob", "2002", "alice")
+    };
+    let (app, data) = pbx::branch(&lab.pbx, &call, &["Dial", "VoiceMail"]).await;
+    assert_eq!(
+        (app.as_str(), data.as_str()),
+        ("Dial", format!("PJSIP/{winner_exten},30").as_str()),
+        "the call rings the winner's desk"
+    );
+    let taken = format!("Call from 5552001 was taken by {winner}");
+    let told = lab
+        .agent(loser_user)
+        .expect_message(|m| chat_body(m).is_some_and(|b| b.starts_with(&taken)))
+        .await;
+    assert!(chat_body(&told).is_some());
+    lab.agent(winner_user)
+        .expect_message(|m| chat_body(m).is_some_and(|b| b.starts_with("Call from 5552001: ")))
+        .await;
+    let carol = lab
+        .agent("carol")
+        .next_message_within(Duration::from_millis(300), |m| chat_body(m).is_some())
+        .await;
+    assert!(
+        carol.is_none(),
+        "carol is away: {:?}",
+        carol.as_ref().map(chat_body)
+    );
+    lab.all_done().await;
+    let set = pbx::variables_set(&lab.pbx, &call);
+    let actions = set.iter().filter(|n| *n == "POPIVR_ACTION").count();
+    assert_eq!(actions, 1, "exactly one action: {set:?}");
+}
