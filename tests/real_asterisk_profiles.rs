@@ -17,7 +17,7 @@ use std::time::Duration;
 use popivr::testbed::asterisk::{Asterisk, Call, Originate};
 use popivr::testbed::free_port;
 use support::pbx::{self, BIN, Daemon, shipped};
-use support::{Prosody, TestAgent, WAIT, body, subscribe};
+use support::{Prosody, TestAgent, TestMessage, WAIT, body, subscribe};
 use xmpp_parsers::message::{Message, MessageType};
 use xmpp_parsers::presence::Show;
 
@@ -62,6 +62,7 @@ fn account(xmpp: &Prosody) -> String {
 const CALLERS: &str = "\n[caller]\n\
     exten => listen,1,Wait(60)\n\
     exten => key1,1,Wait(1)\n same => n,SendDTMF(1)\n same => n,Wait(60)\n\
+    exten => keyhash,1,Wait(1)\n same => n,SendDTMF(#)\n same => n,Wait(60)\n\
     exten => quit,1,Wait(2)\n same => n,Hangup()\n";
 
 /// Phones for the snippets that dial: ring for a minute, never answer.
@@ -84,8 +85,8 @@ struct Setup<'a> {
     online: &'a [&'a str],
     /// The snippet as the test runs it, from the shipped text.
     adapt: &'a dyn Fn(String) -> String,
-    /// Extra popivr.conf text after the documented profile.
-    extra: &'a str,
+    /// popivr.conf's profiles, instead of those in the snippet's comment.
+    profile: Option<&'a str>,
     sounds: &'a [(&'a str, Duration)],
     serve: bool,
 }
@@ -97,7 +98,7 @@ impl Default for Setup<'_> {
             users: &[],
             online: &[],
             adapt: &|s| s,
-            extra: "",
+            profile: None,
             sounds: &[],
             serve: false,
         }
@@ -128,12 +129,11 @@ impl Lab {
             .unwrap();
         let conf = dir.path().join("popivr.conf");
         let text = shipped(setup.snippet);
-        let profile = if setup.snippet.is_empty() {
-            String::new()
-        } else {
-            documented_profile(&text, xmpp.domain())
+        let profile = match setup.profile {
+            Some(profile) => profile.to_owned(),
+            None => documented_profile(&text, xmpp.domain()),
         };
-        std::fs::write(&conf, format!("{}{profile}{}", account(&xmpp), setup.extra)).unwrap();
+        std::fs::write(&conf, format!("{}{profile}", account(&xmpp))).unwrap();
         let daemon = setup.serve.then(|| {
             let port = free_port();
             (Daemon::start(&conf, port), port)
@@ -194,6 +194,19 @@ impl Lab {
             )
             .await
             .expect("originate")
+    }
+
+    /// Asserts that `user` gets no chat message for a moment.
+    async fn gets_nothing(&mut self, user: &str, why: &str) {
+        let got = self
+            .agent(user)
+            .next_message_within(Duration::from_millis(300), |m| chat_body(m).is_some())
+            .await;
+        assert!(
+            got.is_none(),
+            "{user} ({why}): {:?}",
+            got.as_ref().map(chat_body)
+        );
     }
 
     /// After the test: no channel in ExternalIVR, none at all, and no
@@ -289,17 +302,266 @@ async fn team_race_one_winner_the_other_is_told() {
     lab.agent(winner_user)
         .expect_message(|m| chat_body(m).is_some_and(|b| b.starts_with("Call from 5552001: ")))
         .await;
-    let carol = lab
-        .agent("carol")
-        .next_message_within(Duration::from_millis(300), |m| chat_body(m).is_some())
-        .await;
-    assert!(
-        carol.is_none(),
-        "carol is away: {:?}",
-        carol.as_ref().map(chat_body)
-    );
+    lab.gets_nothing("carol", "carol is away").await;
     lab.all_done().await;
     let set = pbx::variables_set(&lab.pbx, &call);
     let actions = set.iter().filter(|n| *n == "POPIVR_ACTION").count();
     assert_eq!(actions, 1, "exactly one action: {set:?}");
+}
+
+/// Presence routing: the first available agent by priority gets the pop
+/// and the call dials their exten at once; nobody available: the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_dials_the_first_available_agent() {
+    let mut lab = Lab::start(Setup {
+        snippet: "presence-route.conf",
+        users: &["alice", "bob"],
+        online: &["alice", "bob"],
+        ..Setup::default()
+    })
+    .await;
+    let popped = |m: &Message| {
+        chat_body(m).is_some_and(|b| b == "Call from Route Caller <5553001> is ringing your phone")
+    };
+
+    // alice (priority 1) is busy: bob.
+    lab.agent("alice").set_presence(Some(Show::Dnd), None).await;
+    let call = lab
+        .call("300@from-trunk", "listen", "5553001", "Route Caller")
+        .await;
+    assert_eq!(pbx::action(&lab.pbx, &call, WAIT).await, "route");
+    let (app, data) = pbx::branch(&lab.pbx, &call, &["Dial", "Queue"]).await;
+    assert_eq!((app.as_str(), data.as_str()), ("Dial", "PJSIP/2002,20"));
+    lab.agent("bob").expect_message(popped).await;
+
+    // alice is back: she comes first.
+    lab.agent("alice").set_presence(None, None).await;
+    let call = lab
+        .call("300@from-trunk", "listen", "5553001", "Route Caller")
+        .await;
+    assert_eq!(pbx::action(&lab.pbx, &call, WAIT).await, "route");
+    let (app, data) = pbx::branch(&lab.pbx, &call, &["Dial", "Queue"]).await;
+    assert_eq!((app.as_str(), data.as_str()), ("Dial", "PJSIP/2001,20"));
+    lab.agent("alice").expect_message(popped).await;
+
+    // Both busy: the default action (queue) at once, no Dial.
+    lab.agent("alice").set_presence(Some(Show::Dnd), None).await;
+    lab.agent("bob").set_presence(Some(Show::Dnd), None).await;
+    let call = lab
+        .call("300@from-trunk", "listen", "5553001", "Route Caller")
+        .await;
+    assert_eq!(pbx::action(&lab.pbx, &call, WAIT).await, "queue");
+    lab.all_done().await;
+    let dialed = lab
+        .pbx
+        .events()
+        .iter()
+        .any(|e| call.owns(e) && pbx::is(e, "Application", "Dial"));
+    assert!(!dialed, "nobody available, yet the call dialed");
+    for user in ["alice", "bob"] {
+        lab.gets_nothing(user, "nobody available").await;
+    }
+}
+
+/// Notify only: the pop (with its CRM link) goes out and the dialplan
+/// dials at once, nobody answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_pops_and_the_call_goes_on_at_once() {
+    let mut lab = Lab::start(Setup {
+        snippet: "notify-only.conf",
+        users: &["alice"],
+        online: &["alice"],
+        ..Setup::default()
+    })
+    .await;
+    let call = lab
+        .call("400@from-trunk", "listen", "5554001", "Doe, John")
+        .await;
+    // The profile's timeout (30 s by default) plays no part: the call is
+    // in the Dial long before.
+    assert_eq!(pbx::action(&lab.pbx, &call, WAIT).await, "notify");
+    let (app, data) = pbx::branch(&lab.pbx, &call, &["Dial"]).await;
+    assert_eq!((app.as_str(), data.as_str()), ("Dial", "PJSIP/alice,30"));
+    let pop = lab
+        .agent("alice")
+        .expect_message(|m| chat_body(m).is_some())
+        .await;
+    assert_eq!(
+        chat_body(&pop).unwrap(),
+        "Call from Doe, John <5554001> for 400\nhttps://crm.example.org/lookup?number=5554001"
+    );
+    let oob = pop
+        .payloads
+        .iter()
+        .find(|p| p.is("x", "jabber:x:oob"))
+        .expect("the link as XEP-0066 out-of-band data");
+    assert_eq!(
+        oob.get_child("url", "jabber:x:oob").map(|u| u.text()),
+        Some("https://crm.example.org/lookup?number=5554001".to_owned())
+    );
+    lab.all_done().await;
+}
+
+/// The h extension with option d: the caller hangs up while the desks
+/// ring (the Dial ends with CANCEL); popivr, started on the dead channel, sends the missed-call
+/// notice to the available targets, finishes with E and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_from_the_h_extension_on_a_dead_channel() {
+    let mut lab = Lab::start(Setup {
+        snippet: "missed-call.conf",
+        users: &["alice", "bob"],
+        online: &["alice", "bob"],
+        // The desks' phones, which ring without answering (no PJSIP here).
+        adapt: &|s| s.replace("PJSIP/alice&PJSIP/bob", "Local/2001@desks&Local/2002@desks"),
+        ..Setup::default()
+    })
+    .await;
+    lab.agent("bob").set_presence(Some(Show::Away), None).await;
+    // The snippet does not answer before the Dial: the caller hears it
+    // ring, and gives up while the desks ring.
+    let call = lab
+        .pbx
+        .originate(Originate::new("Local/500@from-trunk").caller_id("5555001", "Gone, Too Soon"))
+        .await
+        .expect("originate");
+    let (app, _) = pbx::branch(&lab.pbx, &call, &["Dial"]).await;
+    assert_eq!(app, "Dial");
+    lab.pbx
+        .hangup_call(&call)
+        .await
+        .expect("the caller hangs up");
+    // Dial clears DIALSTATUS as it starts, then sets the outcome.
+    let status = lab
+        .pbx
+        .wait_event(
+            |e| {
+                call.owns(e)
+                    && pbx::is(e, "Variable", "DIALSTATUS")
+                    && e.get("Value").is_some_and(|v| !v.is_empty())
+            },
+            WAIT,
+        )
+        .await;
+    assert_eq!(
+        status["Value"], "CANCEL",
+        "the caller hung up during the Dial"
+    );
+    assert_eq!(pbx::action(&lab.pbx, &call, WAIT).await, "missed");
+    lab.agent("alice")
+        .expect_message(|m| {
+            chat_body(m).is_some_and(|b| b == "Missed call from Gone, Too Soon <5555001> to 500")
+        })
+        .await;
+    lab.all_done().await;
+    lab.gets_nothing("bob", "bob is away").await;
+    assert!(
+        lab.pbx
+            .log()
+            .contains("ExternalIVR(\"Local/500@from-trunk-"),
+        "popivr ran from the h extension"
+    );
+}
+
+/// The group chat profile: popivr posts the pop in the room; a reply from
+/// an occupant not allowed does nothing, one from an allowed occupant
+/// steers the call; the outcome is announced in the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_chat_pop_and_a_reply_from_the_room() {
+    let mut lab = Lab::start(Setup {
+        snippet: "group-chat.conf",
+        users: &["alice", "mallory"],
+        online: &["alice", "mallory"],
+        ..Setup::default()
+    })
+    .await;
+    let room = format!("frontdesk@{}", lab.xmpp.muc_domain());
+    for (user, nick) in [("alice", "al"), ("mallory", "mal")] {
+        let agent = lab.agent(user);
+        agent
+            .send_raw(&format!(
+                "<presence xmlns='jabber:client' to='{room}/{nick}'>\
+                 <x xmlns='http://jabber.org/protocol/muc'/></presence>"
+            ))
+            .await;
+        // The room's subject comes last when joining: we are in.
+        agent
+            .expect_message(|m| m.type_ == MessageType::Groupchat && !m.subjects.is_empty())
+            .await;
+    }
+    let from_popivr = |m: &Message, text: &str| {
+        m.type_ == MessageType::Groupchat
+            && m.from
+                .as_ref()
+                .is_some_and(|f| f.resource().is_some_and(|r| r.as_str() == "Switchboard"))
+            && body(m).is_some_and(|b| b.contains(text))
+    };
+    let call = lab
+        .call("600@from-trunk", "listen", "5556001", "Room Caller")
+        .await;
+    for user in ["alice", "mallory"] {
+        lab.agent(user)
+            .expect_message(|m| from_popivr(m, "5556001"))
+            .await;
+    }
+    let say = |text: &str| TestMessage::chat(&room, text).kind(MessageType::Groupchat);
+    lab.agent("mallory").send(say("1")).await;
+    // Everyone sees what is said in the room; popivr saw it too by then.
+    lab.agent("alice")
+        .expect_message(|m| m.type_ == MessageType::Groupchat && body(m) == Some("1"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !pbx::variables_set(&lab.pbx, &call).contains(&"POPIVR_ACTION".to_owned()),
+        "an occupant not allowed steered the call"
+    );
+    lab.agent("alice").send(say("1")).await;
+    assert_eq!(pbx::action(&lab.pbx, &call, WAIT).await, "desk");
+    let agent = pbx::var_set(&lab.pbx, &call, "POPIVR_AGENT", WAIT).await;
+    assert_eq!(agent, lab.xmpp.jid("alice"), "the occupant's real JID");
+    let (app, data) = pbx::branch(&lab.pbx, &call, &["Dial", "VoiceMail"]).await;
+    assert_eq!(
+        (app.as_str(), data.as_str()),
+        ("Dial", "PJSIP/frontdesk,30")
+    );
+    lab.agent("mallory")
+        .expect_message(|m| from_popivr(m, "desk"))
+        .await;
+    lab.all_done().await;
+}
+
+/// Keys only, no XMPP: a caller key continues the dialplan after its
+/// prompt, another hangs up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_only_continue_and_hang_up() {
+    let lab = Lab::start(Setup {
+        snippet: "keys-only.conf",
+        sounds: &[
+            ("custom/closed", Duration::from_secs(5)),
+            ("beep", Duration::from_millis(300)),
+            ("goodbye", Duration::from_millis(300)),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    let vm = lab
+        .call("100@from-trunk-night", "key1", "5557001", "Night Owl")
+        .await;
+    assert_eq!(pbx::action(&lab.pbx, &vm, WAIT).await, "voicemail");
+    let bye = lab
+        .call("100@from-trunk-night", "keyhash", "5557002", "Night Owl")
+        .await;
+    assert_eq!(pbx::action(&lab.pbx, &bye, WAIT).await, "hangup");
+    lab.all_done().await;
+    let log = lab.pbx.log();
+    assert!(
+        log.contains("got command 'S,beep'"),
+        "the key's prompt played"
+    );
+    assert!(
+        !lab.pbx
+            .events()
+            .iter()
+            .any(|e| bye.owns(e) && pbx::is(e, "Event", "Newexten") && pbx::is(e, "Priority", "4")),
+        "the dialplan went on after the hangup key"
+    );
 }

@@ -237,11 +237,14 @@ pub async fn subscribe(
         popivr::xmpp::survey(&account, &contacts, WAIT),
         futures::future::join_all(approvals)
     );
+    let states = states.expect("popivr's account logs in");
+    // Rarely (a few runs in a hundred, on a loaded machine) an agent got
+    // no request within the window; the roster states say whether popivr
+    // asked.
     assert!(
         approved.iter().all(|ok| *ok),
-        "an agent got no subscription request from popivr: {approved:?}"
+        "an agent got no subscription request from popivr: {approved:?}; popivr saw {states:?}"
     );
-    let states = states.expect("popivr's account logs in");
     assert!(states.iter().all(|s| s.subscribed), "{states:?}");
 }
 
