@@ -15,7 +15,7 @@ mod support;
 use std::time::Duration;
 
 use popivr::testbed::asterisk::{Asterisk, Call, Originate};
-use popivr::testbed::free_port;
+use popivr::testbed::{DOMAIN, free_port};
 use support::pbx::{self, BIN, Daemon, shipped};
 use support::{Prosody, TestAgent, TestMessage, WAIT, body, subscribe};
 use xmpp_parsers::message::{Message, MessageType};
@@ -564,4 +564,94 @@ async fn keys_only_continue_and_hang_up() {
             .any(|e| bye.owns(e) && pbx::is(e, "Event", "Newexten") && pbx::is(e, "Priority", "4")),
         "the dialplan went on after the hangup key"
     );
+}
+
+/// Asterisk handles one command line per wake-up of its command fd, and
+/// nothing but popivr's own writes wakes it for lines already in its
+/// buffer (externalivr-protocol.md). With a hold file longer than the
+/// test, no `F` event makes popivr write again: the start-up reads and
+/// the final `V` + `E` are handled only because popivr's writer wakes
+/// Asterisk itself (src/eivr/pace.rs). Without that, the pop shows no
+/// caller and the call stays in ExternalIVR until the hold file ends.
+async fn long_hold_reply(serve: bool) {
+    let profile = format!(
+        "[sales]\ntype = profile\naccount = pbx\ntargets = alice@{DOMAIN}\n\
+         hold = custom/long\n\
+         template = Call from $caller_name$ <$caller$> to $number$. Reply 1 desk\n\
+         reply = 1 -> continue desk\ntimeout = 120\ndefault = continue voicemail\n"
+    );
+    let (snippet, exten) = if serve {
+        ("ivr-daemon.conf", "100@from-trunk")
+    } else {
+        ("interactive-pop.conf", "100@from-trunk")
+    };
+    let mut lab = Lab::start(Setup {
+        snippet,
+        users: &["alice"],
+        online: &["alice"],
+        profile: Some(&profile),
+        sounds: &[("custom/long", LONG_HOLD)],
+        serve,
+        ..Setup::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let call = lab.call(exten, "listen", "5558001", "Quiet Line").await;
+    let pop = lab
+        .agent("alice")
+        .expect_message(|m| chat_body(m).is_some())
+        .await;
+    let popivr = lab.xmpp.jid("pbx");
+    lab.agent("alice").send_chat(&popivr, "1").await;
+    assert_eq!(pbx::action(&lab.pbx, &call, WAIT).await, "desk");
+    let v_handled = std::time::Instant::now();
+    // The dialplan goes on: the E after the V was handled, promptly. A
+    // stranded E is not stranded for good: once popivr's writer has heard
+    // no answer for 10 s it gives up and the socket closes, which wakes
+    // Asterisk too. So "promptly" is well under that.
+    let (app, data) = pbx::branch(&lab.pbx, &call, &["Dial"]).await;
+    assert_eq!((app.as_str(), data.as_str()), ("Dial", "PJSIP/desk,30"));
+    assert!(
+        v_handled.elapsed() < E_AFTER_V,
+        "serve {serve}: the E came {:?} after the V",
+        v_handled.elapsed()
+    );
+    // Checked after the E, so that the E is what a broken writer fails on
+    // first (the V before it is handled by the reply's own write).
+    assert_eq!(
+        chat_body(&pop).unwrap(),
+        "Call from Quiet Line <5558001> to 100. Reply 1 desk",
+        "serve {serve}: every start-up read was handled"
+    );
+    // The hold file has not ended yet: no F event can have helped.
+    assert!(
+        started.elapsed() < LONG_HOLD,
+        "serve {serve}: took {:?}",
+        started.elapsed()
+    );
+    let queued = lab.pbx.log().matches("got command 'A,custom/long'").count();
+    assert!(
+        queued <= 1,
+        "serve {serve}: the hold file ended and was queued again ({queued}x): no test of pacing"
+    );
+    lab.all_done().await;
+}
+
+/// How long the E may follow the V of the same batch: milliseconds when
+/// popivr wakes Asterisk; generous for a loaded machine, and half of the
+/// writer's 10 s stall limit.
+const E_AFTER_V: Duration = Duration::from_secs(5);
+
+/// Longer than any wait in [`long_hold_reply`] (pop and reply take a few
+/// seconds, the waits at most 10 s each).
+const LONG_HOLD: Duration = Duration::from_secs(40);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_final_e_is_handled_without_any_event_to_wake_asterisk() {
+    long_hold_reply(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_call_final_e_is_handled_without_any_event_to_wake_asterisk() {
+    long_hold_reply(false).await;
 }
