@@ -39,6 +39,10 @@ use super::prosody::Prosody;
 /// machine must not make a correct test fail.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// How long a new login waits for its presence to be reflected before it
+/// tries again on a new connection (it takes milliseconds).
+const ANNOUNCE: Duration = Duration::from_secs(3);
+
 /// A logged-in test client.
 pub struct TestAgent {
     client: Client,
@@ -56,8 +60,28 @@ impl TestAgent {
     /// Like [`login`](Self::login) for any JID of the server: a user of
     /// another of its hosts, or a full JID to bind that resource.
     pub async fn login_as(server: &Prosody, jid: &str, password: &str) -> TestAgent {
-        let user = jid;
-        let jid = Jid::new(jid).expect("agent JID");
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let mut agent = Self::connect(server, jid, password).await;
+            match agent.announce(ANNOUNCE).await {
+                Ok(()) => return agent,
+                // Drop this client and log in again, on a new connection.
+                Err(events) => {
+                    eprintln!("agent {jid}: presence not reflected; logging in again ({events:?})");
+                    seen.push(events);
+                }
+            }
+            agent.close().await;
+        }
+        panic!(
+            "agent {jid}: three logins, and the server never reflected our presence \
+             (client events: {seen:?})\n{}",
+            server.log()
+        );
+    }
+
+    async fn connect(server: &Prosody, user: &str, password: &str) -> TestAgent {
+        let jid = Jid::new(user).expect("agent JID");
         let connector = TestConnector {
             addr: server.addr(),
             tls: tls_config(&server.ca_pem()),
@@ -76,29 +100,23 @@ impl TestAgent {
         .await
         .unwrap_or_else(|_| panic!("agent {user}: not online within {WAIT:?}"));
         let jid = bound.try_into_full().expect("server binds a full JID");
-        let mut agent = TestAgent {
+        TestAgent {
             client,
             jid,
             backlog: VecDeque::new(),
-        };
-        if !agent.announce().await {
-            panic!(
-                "agent {user}: the server never reflected our presence\n{}",
-                server.log()
-            );
         }
-        agent
     }
 
     /// Initial presence, repeated until the server reflects it back to
     /// us: only then does it count us as available (messages to the bare
-    /// JID and subscription requests reach us). `false` if no reflection
-    /// comes within [`WAIT`]: seen a few times in a hundred runs of the
+    /// JID and subscription requests reach us). The client's other events
+    /// if no reflection comes `within`: seen a few times in a hundred runs of the
     /// real-Asterisk suites on a loaded machine, a client that logged in
     /// and then heard nothing more (not explained yet; the same runs show
     /// pops and subscription requests that never reach an agent).
-    async fn announce(&mut self) -> bool {
-        let deadline = tokio::time::Instant::now() + WAIT;
+    async fn announce(&mut self, within: Duration) -> Result<(), Vec<String>> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut other = Vec::new();
         let me: Jid = self.jid.clone().into();
         while tokio::time::Instant::now() < deadline {
             self.set_presence(None, None).await;
@@ -111,17 +129,18 @@ impl TestAgent {
                             return true;
                         }
                         Some(Event::Stanza(Stanza::Message(m))) => self.backlog.push_back(m),
-                        Some(_) => {}
+                        Some(Event::Stanza(_)) => {}
+                        Some(event) => other.push(format!("{event:?}")),
                         None => return false,
                     }
                 }
             })
             .await;
             if echoed == Ok(true) {
-                return true;
+                return Ok(());
             }
         }
-        false
+        Err(other)
     }
 
     pub fn jid(&self) -> &FullJid {
