@@ -12,15 +12,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use popivr::testbed::asterisk::{Asterisk, Call, Originate};
-use popivr::testbed::{Event, free_port};
-use support::{Prosody, TestAgent, WAIT, body};
+use popivr::testbed::free_port;
+use support::pbx::{self, BIN, Daemon, shipped};
+use support::{Prosody, TestAgent, WAIT, body, subscribe};
 
-const BIN: &str = env!("CARGO_BIN_EXE_popivr");
 const PBX_PW: &str = "pbx-Real-7c1e90";
 const ALICE_PW: &str = "alice-Real-3b8d21";
 const MALLORY_PW: &str = "mallory-Real-99e0a1";
@@ -44,14 +42,6 @@ struct Lab {
     pbx: Asterisk,
     _daemon: Option<Daemon>,
     _dir: tempfile::TempDir,
-}
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-fn shipped(name: &str) -> String {
-    std::fs::read_to_string(repo("dialplan").join(name)).expect("shipped snippet")
 }
 
 fn config(xmpp: &Prosody, timeout: &str) -> String {
@@ -89,7 +79,9 @@ impl Lab {
             .prefix("popivr-real-")
             .tempdir()
             .unwrap();
-        let alice = Some(subscribed_alice(&xmpp).await);
+        let mut alice = TestAgent::login(&xmpp, "alice", ALICE_PW).await;
+        subscribe(&xmpp, ("pbx", PBX_PW), &mut [&mut alice]).await;
+        let alice = Some(alice);
         let conf = dir.path().join("popivr.conf");
         std::fs::write(&conf, config(&xmpp, timeout)).unwrap();
         let (snippet, daemon) = match mode {
@@ -137,112 +129,6 @@ impl Lab {
             .await
             .expect("originate")
     }
-
-    /// The value the dialplan gave POPIVR_ACTION on `call`.
-    async fn action(&self, call: &Call, within: Duration) -> String {
-        let set = self
-            .pbx
-            .wait_event(
-                |e| call.owns(e) && is(e, "Event", "VarSet") && is(e, "Variable", "POPIVR_ACTION"),
-                within,
-            )
-            .await;
-        set.get("Value").cloned().unwrap_or_default()
-    }
-
-    /// The next application the dialplan runs on `call` after ExternalIVR
-    /// that is one of `apps`, with its data.
-    async fn branch(&self, call: &Call, apps: &[&str]) -> (String, String) {
-        let e = self
-            .pbx
-            .wait_event(
-                |e| {
-                    call.owns(e)
-                        && is(e, "Event", "Newexten")
-                        && e.get("Application")
-                            .is_some_and(|a| apps.contains(&a.as_str()))
-                },
-                WAIT,
-            )
-            .await;
-        (e["Application"].clone(), e["AppData"].clone())
-    }
-
-    /// No channel is inside ExternalIVR (waits a little for the last to
-    /// leave).
-    async fn none_left_in_externalivr(&self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let n = self.pbx.channels_in_app("ExternalIVR").await;
-            if n == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{n} channels left in ExternalIVR"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Every variable set on `call`'s PBX half by anyone.
-    fn variables_set(&self, call: &Call) -> Vec<String> {
-        self.pbx
-            .events()
-            .iter()
-            .filter(|e| call.owns(e) && is(e, "Event", "VarSet"))
-            .filter_map(|e| e.get("Variable").cloned())
-            .collect()
-    }
-}
-
-/// alice, online and subscribed to by popivr's account, as `popivr check`
-/// sets it up (before a daemon holds the account).
-async fn subscribed_alice(xmpp: &Prosody) -> TestAgent {
-    let mut alice = TestAgent::login(xmpp, "alice", ALICE_PW).await;
-    let account = xmpp.account("pbx", PBX_PW);
-    let contacts = [alice.bare()];
-    let popivr = xmpp.jid("pbx");
-    let (states, approved) = tokio::join!(
-        popivr::xmpp::survey(&account, &contacts, WAIT),
-        alice.approve_subscription(&popivr, WAIT)
-    );
-    assert!(approved, "no subscription request from popivr");
-    assert!(states.expect("popivr logs in").iter().all(|s| s.subscribed));
-    alice
-}
-
-fn is(e: &Event, key: &str, value: &str) -> bool {
-    e.get(key).is_some_and(|v| v == value)
-}
-
-/// `popivr serve` on 127.0.0.1:`port`, killed on drop.
-struct Daemon(Child);
-
-impl Daemon {
-    fn start(conf: &Path, port: u16) -> Daemon {
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .env("POPIVR_CONFIG", conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("popivr serve starts");
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "popivr serve does not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon(child)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn pop_reply_and_branch(mode: Mode) {
@@ -256,14 +142,14 @@ async fn pop_reply_and_branch(mode: Mode) {
         "{mode:?}: the pop shows the caller's number, name and the called number"
     );
     alice.send_chat(&lab.xmpp.jid("pbx"), "1").await;
-    assert_eq!(lab.action(&call, WAIT).await, "desk");
-    let (app, data) = lab.branch(&call, &["Dial", "VoiceMail"]).await;
+    assert_eq!(pbx::action(&lab.pbx, &call, WAIT).await, "desk");
+    let (app, data) = pbx::branch(&lab.pbx, &call, &["Dial", "VoiceMail"]).await;
     assert_eq!(
         (app.as_str(), data.as_str()),
         ("Dial", "PJSIP/desk,30"),
         "{mode:?}"
     );
-    lab.none_left_in_externalivr().await;
+    pbx::none_left_in_externalivr(&lab.pbx).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,12 +168,20 @@ async fn key_timeout_and_hangup(mode: Mode) {
 
     // A caller key decides.
     let keyed = lab.call("key0", "5550001", "Key Presser").await;
-    assert_eq!(lab.action(&keyed, WAIT).await, "operator", "{mode:?}");
+    assert_eq!(
+        pbx::action(&lab.pbx, &keyed, WAIT).await,
+        "operator",
+        "{mode:?}"
+    );
 
     // The timeout's default action, at the configured time.
     let started = Instant::now();
     let waited = lab.call("listen", "5550002", "Patient").await;
-    assert_eq!(lab.action(&waited, WAIT).await, "voicemail", "{mode:?}");
+    assert_eq!(
+        pbx::action(&lab.pbx, &waited, WAIT).await,
+        "voicemail",
+        "{mode:?}"
+    );
     let took = started.elapsed();
     assert!(
         took >= Duration::from_secs(3) && took < Duration::from_millis(4500),
@@ -299,8 +193,9 @@ async fn key_timeout_and_hangup(mode: Mode) {
     alice
         .expect_message(|m| body(m).is_some_and(|b| b == "Missed call from Impatient <5550003>"))
         .await;
-    lab.none_left_in_externalivr().await;
+    pbx::none_left_in_externalivr(&lab.pbx).await;
     assert!(lab.pbx.wait_no_channels(WAIT).await, "channels left");
+    pbx::no_popivr_left(&lab.pbx).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,16 +221,15 @@ async fn strangers_and_hostile_replies(mode: Mode) {
     let hostile = format!("1,POPIVR_ACTION=evil,FILE({})=y\nE,bye", pwned.display());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        !lab.variables_set(&call)
-            .contains(&"POPIVR_ACTION".to_string()),
+        !pbx::variables_set(&lab.pbx, &call).contains(&"POPIVR_ACTION".to_string()),
         "{mode:?}: a stranger steered the call"
     );
     alice.send_chat(&lab.xmpp.jid("pbx"), &hostile).await;
     alice.send_chat(&lab.xmpp.jid("pbx"), "2").await;
-    let action = lab.action(&call, WAIT).await;
+    let action = pbx::action(&lab.pbx, &call, WAIT).await;
     assert!(action == "voicemail" || action == "desk", "{action}");
-    lab.none_left_in_externalivr().await;
-    let set = lab.variables_set(&call);
+    pbx::none_left_in_externalivr(&lab.pbx).await;
+    let set = pbx::variables_set(&lab.pbx, &call);
     const OURS: &[&str] = &[
         "POPIVR_CALLER_NUM",
         "POPIVR_CALLER_NAME",
@@ -385,12 +279,12 @@ async fn many_at_once(mode: Mode, n: usize) {
     }
     for call in &calls {
         assert_eq!(
-            lab.action(call, Duration::from_secs(20)).await,
+            pbx::action(&lab.pbx, call, Duration::from_secs(20)).await,
             "operator",
             "{mode:?}"
         );
     }
-    lab.none_left_in_externalivr().await;
+    pbx::none_left_in_externalivr(&lab.pbx).await;
     assert!(lab.pbx.wait_no_channels(Duration::from_secs(20)).await);
 }
 

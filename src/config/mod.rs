@@ -159,7 +159,7 @@ pub enum Mode {
     /// No reply: pick the first available agent, pop them and `E` with
     /// `POPIVR_AGENT`/`POPIVR_AGENT_EXTEN` set for the dialplan to dial.
     Route,
-    /// For the `h` extension (option `d`): no audio; send the missed-call
+    /// For the `h` extension (options `nd`): no audio; send the missed-call
     /// notice built from the channel variables, then `E`.
     Missed,
 }

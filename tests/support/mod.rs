@@ -1,12 +1,14 @@
-//! Shared helpers for integration tests: a throw-away prosody and a test
-//! XMPP client. Use with `mod support;` from a test file.
+//! Shared helpers for integration tests: a throw-away prosody, a test
+//! XMPP client and what the real-Asterisk suites read back. Use with
+//! `mod support;` from a test file.
 
 // Each test binary uses a different subset.
 #![allow(dead_code, unused_imports)]
 
 pub mod agent;
+pub mod pbx;
 pub mod prosody;
 pub mod real;
 
-pub use agent::{TestAgent, TestMessage, WAIT, Wrapper, body};
+pub use agent::{TestAgent, TestMessage, WAIT, Wrapper, body, subscribe};
 pub use prosody::{Prosody, TestCa, free_port};
