@@ -228,7 +228,7 @@ impl Sim {
         if let Some(dir) = &config.cwd {
             command.current_dir(dir);
         }
-        let mut child = command.spawn()?;
+        let mut child = spawn(&mut command)?;
         let started = Instant::now();
 
         let shared = Shared::new(&invocation, config);
@@ -791,5 +791,22 @@ async fn read_stderr(
             split.push(&buf[..n]);
         }
         record(&mut split, true);
+    }
+}
+
+/// Start the child. A program written a moment ago can fail with "Text
+/// file busy" (ETXTBSY) while another thread of this process forks: the
+/// new child holds the writer's descriptor until it execs. That passes
+/// within milliseconds, so a few tries with a short pause get it.
+fn spawn(command: &mut tokio::process::Command) -> io::Result<tokio::process::Child> {
+    let mut tries = 0;
+    loop {
+        match command.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
