@@ -25,9 +25,8 @@ use std::time::{Duration, Instant, SystemTime};
 use popivr::testbed::asterisk::{Asterisk, Call, Originate};
 use popivr::testbed::free_port;
 use support::Prosody;
-use support::real::{
-    BIN, Daemon, answer_every_pop, follow, online, popivr_children, shipped, summary,
-};
+use support::pbx::{BIN, Daemon, popivr_processes, shipped};
+use support::real::{answer_every_pop, follow, online, summary};
 
 const PBX_PW: &str = "pbx-Load-51c0e2";
 const ALICE_PW: &str = "alice-Load-8d17f4";
@@ -83,7 +82,7 @@ async fn lab(mode: Mode) -> (Lab, popivr::xmpp::Session) {
         ),
         Mode::Serve => {
             let port = free_port();
-            let daemon = Daemon::start(&conf, port, Some(&daemon_log));
+            let daemon = Daemon::start_logged(&conf, port, &daemon_log);
             let text = shipped("ivr-daemon.conf")
                 .replace("popivr.example.org", &format!("127.0.0.1:{port}"));
             (text, Some(daemon))
@@ -178,12 +177,11 @@ async fn load(mode: Mode, total: usize, at_once: usize, bursts: bool) {
     // Let the last channels hang up (the snippet's branches end the call).
     let in_ivr = lab.pbx.channels_in_app("ExternalIVR").await;
     let gone = lab.pbx.wait_no_channels(Duration::from_secs(30)).await;
-    let asterisk = lab.pbx.pid().expect("Asterisk runs");
-    let mut left = popivr_children(asterisk);
+    let mut left = popivr_processes(&lab.pbx);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !left.is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        left = popivr_children(asterisk);
+        left = popivr_processes(&lab.pbx);
     }
     // The confirmations leave with the last `E`: give them a moment.
     let deadline = Instant::now() + Duration::from_secs(10);

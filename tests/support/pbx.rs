@@ -138,12 +138,30 @@ pub struct Daemon(Child);
 
 impl Daemon {
     pub fn start(conf: &Path, port: u16) -> Daemon {
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        Self::spawn(conf, port, None)
+    }
+
+    /// Like [`start`](Self::start), at `-v` (pops, replies and actions
+    /// too), its stderr in `log` (for counting warnings).
+    pub fn start_logged(conf: &Path, port: u16, log: &Path) -> Daemon {
+        Self::spawn(conf, port, Some(log))
+    }
+
+    fn spawn(conf: &Path, port: u16, log: Option<&Path>) -> Daemon {
+        let mut command = Command::new(BIN);
+        command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+        let stderr = match log {
+            Some(path) => {
+                command.arg("-v");
+                Stdio::from(std::fs::File::create(path).expect("daemon log"))
+            }
+            None => Stdio::null(),
+        };
+        let child = command
             .env("POPIVR_CONFIG", conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("popivr serve starts");
         let deadline = Instant::now() + WAIT;
