@@ -146,3 +146,27 @@ async fn ejabberd_readme_settings_exempt_popivr_only() {
     // `normal`, resolved to its rate and burst size.
     assert_eq!(rule("c2s_shaper", "alice"), "{3000,20000}");
 }
+
+/// The test agent keeps reading while it sends: 2,000 messages to
+/// itself, sent in runs of 100 on a multi-threaded runtime while the
+/// server delivers the earlier ones, all arrive. (tokio-xmpp 6's `Client`
+/// fails this in most runs: its reader goes to sleep for good
+/// when it meets the lock its sender holds; see `support/agent.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_agent_keeps_reading_while_it_sends() {
+    let server = Prosody::builder().user("alice", PW).start();
+    let mut alice = TestAgent::login(&server, "alice", PW).await;
+    let me = alice.jid().to_string();
+    for run in 0..20 {
+        for i in 0..100 {
+            alice.send_chat(&me, &format!("m{run}.{i}")).await;
+        }
+        for i in 0..100 {
+            let want = format!("m{run}.{i}");
+            alice
+                .expect_message(|m| support::body(m) == Some(want.as_str()))
+                .await;
+        }
+    }
+    alice.close().await;
+}
