@@ -26,7 +26,7 @@ use popivr::testbed::asterisk::{Asterisk, Call, Originate};
 use popivr::testbed::free_port;
 use support::Prosody;
 use support::pbx::{BIN, Daemon, popivr_processes, shipped};
-use support::real::{answer_every_pop, follow, online, summary};
+use support::real::{HOLD, answer_every_pop, follow, online, sales_conf, summary};
 
 const PBX_PW: &str = "pbx-Load-51c0e2";
 const ALICE_PW: &str = "alice-Load-8d17f4";
@@ -37,21 +37,6 @@ const STUCK: Duration = Duration::from_secs(60);
 enum Mode {
     PerCall,
     Serve,
-}
-
-fn config(xmpp: &Prosody) -> String {
-    format!(
-        "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {port}\nusername = {pbx}\n\
-         secret = {PBX_PW}\nca_file = {ca}\n\n\
-         [sales]\ntype = profile\naccount = pbx\ntargets = {alice}\npresence = any\n\
-         hold = custom/hold\n\
-         template = Call from $caller_name$ <$caller$> to $number$. Reply 1 desk\n\
-         reply = 1 -> continue desk\ntimeout = 90\ndefault = continue voicemail\n",
-        port = xmpp.port(),
-        pbx = xmpp.jid("pbx"),
-        ca = xmpp.ca_pem().display(),
-        alice = xmpp.jid("alice"),
-    )
 }
 
 struct Lab {
@@ -73,7 +58,7 @@ async fn lab(mode: Mode) -> (Lab, popivr::xmpp::Session) {
         .tempdir()
         .unwrap();
     let conf = dir.path().join("popivr.conf");
-    std::fs::write(&conf, config(&xmpp)).unwrap();
+    std::fs::write(&conf, sales_conf(&xmpp, PBX_PW, "presence = any\n")).unwrap();
     let daemon_log = dir.path().join("serve.log");
     let (snippet, daemon) = match mode {
         Mode::PerCall => (
@@ -96,7 +81,7 @@ async fn lab(mode: Mode) -> (Lab, popivr::xmpp::Session) {
         .env("POPIVR_CONFIG", &conf.display().to_string())
         // Longer than any call here: no `F` event wakes Asterisk's reads,
         // so only popivr's own writes can get its lines handled.
-        .sound("custom/hold", Duration::from_secs(120))
+        .sound(HOLD, Duration::from_secs(120))
         .start()
         .await;
     let lab = Lab {

@@ -63,7 +63,7 @@ use asterisk::Program;
 use calls::{PopSeries, Start};
 use popivr::call::{OutgoingMessage, XmppStatus};
 use popivr::xmpp::XmppEvent;
-use stats::{Goal, Phases, Report, Samples, ms};
+use stats::{Goal, Phases, Report, Samples, loadavg, machine, ms};
 use support::{Prosody, TestAgent};
 
 /// Set in the environment of this bench re-run as a fresh process
@@ -1108,25 +1108,4 @@ fn plot(venv: &Path, csv: &Path, png: &Path) {
         Ok(s) if s.success() => println!("plot: {}", png.display()),
         other => eprintln!("plot failed: {other:?}"),
     }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split(' ').take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-/// CPU model, cores, kernel, prosody.
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores, {cpu}, Linux {}", kernel.trim())
 }

@@ -50,6 +50,11 @@ use super::prosody::Server;
 /// machine must not make a correct test fail.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// How long a login may take before the test fails: milliseconds when
+/// the machine is idle, seconds when the CI runs a build beside a starting
+/// ejabberd.
+const LOGIN_WAIT: Duration = Duration::from_secs(30);
+
 /// A logged-in test client.
 pub struct TestAgent {
     client: StanzaStream,
@@ -92,7 +97,7 @@ impl TestAgent {
         };
         let mut client =
             StanzaStream::new_c2s(connector, jid, password.to_owned(), Timeouts::tight(), 64);
-        let bound = tokio::time::timeout(WAIT, async {
+        let bound = tokio::time::timeout(LOGIN_WAIT, async {
             loop {
                 match client.next().await {
                     Some(Event::Stream(StreamEvent::Reset { bound_jid, .. })) => break bound_jid,
@@ -103,7 +108,7 @@ impl TestAgent {
             }
         })
         .await
-        .unwrap_or_else(|_| panic!("agent {user}: not online within {WAIT:?}"));
+        .unwrap_or_else(|_| panic!("agent {user}: not online within {LOGIN_WAIT:?}"));
         let jid = bound.try_into_full().expect("server binds a full JID");
         TestAgent {
             client,

@@ -11,7 +11,28 @@ use popivr::call::{OutgoingMessage, XmppStatus};
 use popivr::testbed::{Event, event_time};
 use popivr::xmpp::XmppEvent;
 
-use super::WAIT;
+use super::{Prosody, WAIT};
+
+/// The hold file of [`sales_conf`]'s profile.
+pub const HOLD: &str = "custom/hold";
+
+/// popivr's configuration for the many-calls suites and the real bench:
+/// account `pbx` (password `pbx_pw`) and the profile `sales` that the
+/// shipped snippets name, popping alice with the caller's data; `extra`
+/// adds profile lines.
+pub fn sales_conf(xmpp: &Prosody, pbx_pw: &str, extra: &str) -> String {
+    format!(
+        "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {port}\nusername = {pbx}\n\
+         secret = {pbx_pw}\nca_file = {ca}\n\n\
+         [sales]\ntype = profile\naccount = pbx\ntargets = {alice}\nhold = {HOLD}\n\
+         template = Call from $caller_name$ <$caller$> to $number$. Reply 1 desk\n\
+         reply = 1 -> continue desk\ntimeout = 90\ndefault = continue voicemail\n{extra}",
+        port = xmpp.port(),
+        pbx = xmpp.jid("pbx"),
+        ca = xmpp.ca_pem().display(),
+        alice = xmpp.jid("alice"),
+    )
+}
 
 /// A popivr XMPP session for `account`, once online (an agent for the
 /// load tests and benches: see [`answer_every_pop`]).
@@ -47,11 +68,11 @@ pub struct Seen {
 /// alice answers every pop at once with "1", in its thread, to the JID it
 /// came from.
 ///
-/// alice is popivr's own XMPP session here, not the tests' `TestAgent`:
-/// tokio-xmpp 6's client stopped reading its socket after some hundreds
-/// of messages at this rate (its receive queue grew while prosody kept
-/// sending), which left calls to their timeout for reasons that have
-/// nothing to do with the ExternalIVR wire under test.
+/// alice is popivr's own XMPP session here, answering from a task of its
+/// own while the test starts calls. (The first version used tokio-xmpp
+/// 6's `Client`, which stopped reading its socket after some hundreds of
+/// messages at this rate; the cause, and why `TestAgent` no longer uses
+/// it, is in `support/agent.rs`.)
 pub fn answer_every_pop(
     mut alice: popivr::xmpp::Session,
     stop: Arc<AtomicBool>,
