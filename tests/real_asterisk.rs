@@ -52,6 +52,7 @@ fn config(xmpp: &Prosody, timeout: &str) -> String {
          template = Call from $caller_name$ <$caller$> to $number$ (${{queue}}). Reply 1 desk\n\
          missed = Missed call from $caller_name$ <$caller$>\n\
          reply = 1, desk -> continue desk\nreply = 2 -> continue voicemail\n\
+         reply = h -> hangup\n\
          key = 0 -> continue operator\n\
          timeout = {timeout}\ndefault = continue voicemail\n",
         port = xmpp.port(),
@@ -150,6 +151,56 @@ async fn pop_reply_and_branch(mode: Mode) {
         "{mode:?}"
     );
     pbx::none_left_in_externalivr(&lab.pbx).await;
+}
+
+/// The agent's `hangup` ends the call: after ExternalIVR the dialplan
+/// runs nothing meant for a call that goes on (per call, ExternalIVR's -1
+/// ends it; under serve's `TryExec` only the snippet's hangup test and
+/// `Hangup()` run).
+async fn agent_hangs_up(mode: Mode) {
+    let mut lab = Lab::start(mode, "30").await;
+    let mut alice = lab.alice();
+    let call = lab.call("listen", "5550010", "Hung Up").await;
+    alice.expect_message(|m| body(m).is_some()).await;
+    alice.send_chat(&lab.xmpp.jid("pbx"), "h").await;
+    assert_eq!(
+        pbx::action(&lab.pbx, &call, WAIT).await,
+        "hangup",
+        "{mode:?}"
+    );
+    assert!(
+        lab.pbx.wait_no_channels(WAIT).await,
+        "{mode:?}: channels left"
+    );
+    let after: Vec<(String, String)> = lab
+        .pbx
+        .events()
+        .iter()
+        .filter(|e| call.owns(e) && pbx::is(e, "Event", "Newexten"))
+        .filter_map(|e| Some((e.get("Application")?.clone(), e.get("AppData")?.clone())))
+        .skip_while(|(app, _)| app != "ExternalIVR" && app != "TryExec")
+        .skip(1)
+        .collect();
+    let only_hangup = match after.as_slice() {
+        [] => true,
+        [(test, data), (end, _)] => test == "GotoIf" && data.starts_with("1?") && end == "Hangup",
+        _ => false,
+    };
+    assert!(
+        only_hangup,
+        "{mode:?}: the dialplan went on after the hangup: {after:?}"
+    );
+    pbx::none_left_in_externalivr(&lab.pbx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_call_agent_hangup_ends_the_call() {
+    agent_hangs_up(Mode::PerCall).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_agent_hangup_ends_the_call() {
+    agent_hangs_up(Mode::Serve).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
