@@ -337,7 +337,7 @@ until("")
 }
 
 #[tokio::test]
-async fn option_d_runs_on_a_dead_channel() {
+async fn option_d_runs_on_a_dead_channel_with_n_and_is_refused_without() {
     let prog = py(r#"
 send("S,a")
 until("Z")
@@ -346,7 +346,16 @@ until("G,*")
 send("E,done")
 until("")
 "#);
-    let config = SimConfig::new(format!("{}(),d", prog.display()))
+    // Plain `d`: the channel is not up and Asterisk will not answer a
+    // dead one, so ExternalIVR fails before it starts anything.
+    let mut refused = Sim::start(SimConfig::new(format!("{}(),d", prog.display()))).unwrap();
+    let end = refused.wait_end(WAIT).await.unwrap();
+    assert_eq!(end.reason, EndReason::Refused);
+    assert_eq!(refused.next_command(WAIT).await, Next::Ended);
+    let t = refused.transcript();
+    assert!(t.lines(Dir::Note).any(|n| n.contains("'d'ead flag")), "{t}");
+
+    let config = SimConfig::new(format!("{}(),nd", prog.display()))
         .sound("a", Duration::from_secs(1))
         .var("x", "1");
     let mut sim = Sim::start(config).unwrap();

@@ -93,6 +93,10 @@ pub enum EndReason {
     /// `ivr://`: no address of the host accepted the connection, so
     /// ExternalIVR failed before any event.
     ConnectFailed,
+    /// Option `d` without `n`: the channel is not up, and
+    /// `app_externalivr.c` refuses to answer a dead channel, so it fails
+    /// before starting anything.
+    Refused,
 }
 
 /// What one input made Asterisk do.

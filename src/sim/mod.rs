@@ -18,7 +18,8 @@
 //!   each stderr line is kept, as Asterisk copies it to its log;
 //! - options `n` (not answered: playback gets `Z` until `T`), `i` (a hangup
 //!   sends `I,<ts>,HANGUP` and the child must end with `H`) and `d`
-//!   (already hung up);
+//!   (already hung up; the channel was never answered, so without `n`
+//!   ExternalIVR refuses to run at all, as a real Asterisk does);
 //! - command lines are read as `ast_iostream_gets` reads them
 //!   ([`lines::CommandInput`]): **one line per wake-up of the command fd**,
 //!   so the tail of a burst waits in Asterisk's buffer until the child

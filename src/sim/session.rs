@@ -202,6 +202,9 @@ impl Sim {
     pub fn start(config: SimConfig) -> io::Result<Sim> {
         let invocation = Invocation::parse(&config.data)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if invocation.options.dead && !invocation.options.no_answer {
+            return Ok(Sim::refuse(config, invocation));
+        }
         if invocation.socket().is_some() {
             return Ok(Sim::start_socket(config, invocation));
         }
@@ -261,7 +264,7 @@ impl Sim {
             started,
             exited_tx,
         ));
-        let open = std::future::ready(Some(pipes));
+        let open = std::future::ready(Ok(pipes));
         Ok(Sim::launch(
             invocation,
             shared,
@@ -289,19 +292,49 @@ impl Sim {
                 invocation.options
             ),
         );
-        let open = connect(target, shared.clone(), started);
+        let shared_for_connect = shared.clone();
+        let open = async move {
+            connect(target, shared_for_connect, started)
+                .await
+                .ok_or(EndReason::ConnectFailed)
+        };
         // Nothing exits in socket mode; see `wait_exit`.
         let (_, exited_rx) = watch::channel(false);
         Sim::launch(invocation, shared, started, open, exited_rx, None)
     }
 
-    /// The session task on the pipes or socket `open` yields (none: the
-    /// connection failed), and the handle on it.
+    /// Option `d` without `n`: the channel is not up (the simulated
+    /// dialplan never answers it), and a real Asterisk will not answer a
+    /// hung-up channel, so ExternalIVR fails before it starts a child or
+    /// connects (`app_externalivr.c`). The session is over at once.
+    fn refuse(config: SimConfig, invocation: Invocation) -> Sim {
+        let started = Instant::now();
+        let shared = Shared::new(&invocation, config);
+        lock(&shared).transcript.push(
+            Duration::ZERO,
+            Dir::Note,
+            "Running ExternalIVR with 'd'ead flag on non-hungup channel isn't supported \
+             (option d needs n here: nothing started)"
+                .to_string(),
+        );
+        let (_, exited_rx) = watch::channel(false);
+        Sim::launch(
+            invocation,
+            shared,
+            started,
+            async { Err(EndReason::Refused) },
+            exited_rx,
+            None,
+        )
+    }
+
+    /// The session task on the pipes or socket `open` yields (or the
+    /// reason it ended before any), and the handle on it.
     fn launch(
         invocation: Invocation,
         shared: Arc<Mutex<Shared>>,
         started: Instant,
-        open: impl Future<Output = Option<Pipes>> + Send + 'static,
+        open: impl Future<Output = Result<Pipes, EndReason>> + Send + 'static,
         exited: watch::Receiver<bool>,
         kill: Option<oneshot::Sender<()>>,
     ) -> Sim {
@@ -315,13 +348,10 @@ impl Sim {
         };
         tokio::spawn(async move {
             match open.await {
-                Some(pipes) => session.run(pipes, cue_rx, done_tx).await,
-                None => {
+                Ok(pipes) => session.run(pipes, cue_rx, done_tx).await,
+                Err(reason) => {
                     let at = session.at();
-                    lock(&session.shared).end = Some(SessionEnd {
-                        reason: EndReason::ConnectFailed,
-                        at,
-                    });
+                    lock(&session.shared).end = Some(SessionEnd { reason, at });
                     let _ = done_tx.send(true);
                 }
             }
