@@ -184,9 +184,12 @@ async fn expect_action(sim: &mut Sim, action: &str) {
     );
 }
 
-/// The call starts like a per-call one: `P` first, then the hold audio.
+/// The call starts like a per-call one: `P` first, then the hold audio
+/// (after the socket writer's own read, which starts each batch of
+/// several lines: src/eivr/pace.rs).
 async fn expect_start(sim: &mut Sim) {
     assert_eq!(next(sim).await, "P,x", "{}", sim.transcript());
+    assert_eq!(next(sim).await, "G,POPIVR_SYNC", "{}", sim.transcript());
     assert_eq!(next(sim).await, "S,moh/a", "{}", sim.transcript());
 }
 
@@ -314,6 +317,7 @@ async fn unknown_profiles_send_the_call_on_with_the_dialplan() {
 async fn call_other(daemon: &Daemon) {
     let mut sim = Sim::start(daemon.call("other")).unwrap();
     assert_eq!(next(&mut sim).await, "P,x");
+    assert_eq!(next(&mut sim).await, "G,POPIVR_SYNC");
     assert_eq!(next(&mut sim).await, "S,moh/b");
     sim.key('1');
     expect_action(&mut sim, "other").await;
@@ -717,6 +721,14 @@ async fn fifty_concurrent_calls_get_their_own_replies() {
     }
     for agent in answering {
         agent.await.expect("agent task").close().await;
+    }
+    // The daemon logs a call's end once Asterisk has answered its `E`,
+    // which may be a moment after the simulator handed the `E` out.
+    let deadline = std::time::Instant::now() + WAIT;
+    while daemon.count_log("call over: done") < CALLS as usize
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
         daemon.count_log("call over: done"),

@@ -22,16 +22,20 @@
 //!   empty too. A batch of one line is read and handled alone; a batch of
 //!   several is followed, once Asterisk has read it, by one empty line.
 //! - **On a socket** (`ivr://` to `popivr serve`) nothing shows what the
-//!   other end has read, only what it answers. Every batch ends with a line
-//!   Asterisk answers unmistakably (`E`, `H`, or else a `G,POPIVR_SYNC`
-//!   the writer adds, whose answer never reaches the call), and
-//!   empty lines follow at growing intervals until the answers to every
-//!   such line have come: Asterisk handles lines in order, so the last
-//!   answer proves that every line before it was handled.
+//!   other end has read, only what it answers. A batch of several lines
+//!   starts with a `G,POPIVR_SYNC` the writer adds (its answer never
+//!   reaches the call): that answer proves Asterisk has read the batch's
+//!   start, so an empty line written the moment it comes drains the
+//!   batch, one round trip after it was written. Every batch also ends
+//!   with a line Asterisk answers unmistakably (`E`, `H`, or else another
+//!   `G,POPIVR_SYNC`), and until the answers to all such lines have come
+//!   the writer wakes Asterisk again at each answer and at growing
+//!   intervals (a batch that reached Asterisk in pieces): Asterisk handles
+//!   lines in order, so the last answer proves that every line before it
+//!   was handled.
 //!
 //! Either way no line is left behind, however the reads fall, and the
-//! cost is an empty line per batch (and on a socket a `G` when the batch
-//! does not end in one).
+//! cost is an empty line per batch (and on a socket a `G` or two).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -326,6 +330,9 @@ async fn write_socket<W: AsyncWrite + Unpin>(
             batch = batches.recv() => {
                 let Some(mut batch) = batch else { return Ok(()) };
                 backlog.fetch_sub(size(&batch), Ordering::SeqCst);
+                if batch.len() > 1 {
+                    batch.insert(0, sync.clone());
+                }
                 if !batch.last().is_some_and(|l| is_final(l)) {
                     batch.push(sync.clone());
                 }
@@ -336,7 +343,13 @@ async fn write_socket<W: AsyncWrite + Unpin>(
                 }
                 wake = Some((tokio::time::Instant::now() + FIRST_WAKE, FIRST_WAKE));
             }
-            _ = answers.0.notify.notified(), if wake.is_some() => {}
+            _ = answers.0.notify.notified(), if wake.is_some() => {
+                // Asterisk read the line it answered, and with it what
+                // came along: wake it for the rest at once.
+                if answers.count() < asked {
+                    write_timed(&mut out, WAKE).await?;
+                }
+            }
             _ = sleep_until(wake.map(|(at, _)| at)) => {
                 if waiting_since.elapsed() > STALL {
                     return Err(io::Error::new(
