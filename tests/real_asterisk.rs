@@ -44,17 +44,22 @@ struct Lab {
     _dir: tempfile::TempDir,
 }
 
-fn config(xmpp: &Prosody, timeout: &str) -> String {
+/// The pop's text unless a test says otherwise.
+const TEMPLATE: &str = "Call from $caller_name$ <$caller$> to $number$ (${queue}). Reply 1 desk";
+
+/// popivr's configuration: the account and the profile `sales` with
+/// `template`, `extra` lines added to it.
+fn config_with(xmpp: &Prosody, timeout: &str, template: &str, extra: &str) -> String {
     format!(
         "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {port}\nusername = {pbx}\n\
          secret = {PBX_PW}\nca_file = {ca}\n\n\
          [sales]\ntype = profile\naccount = pbx\ntargets = {alice}\nhold = custom/hold\n\
-         template = Call from $caller_name$ <$caller$> to $number$ (${{queue}}). Reply 1 desk\n\
+         template = {template}\n\
          missed = Missed call from $caller_name$ <$caller$>\n\
          reply = 1, desk -> continue desk\nreply = 2 -> continue voicemail\n\
          reply = h -> hangup\n\
          key = 0 -> continue operator\n\
-         timeout = {timeout}\ndefault = continue voicemail\n",
+         timeout = {timeout}\ndefault = continue voicemail\n{extra}",
         port = xmpp.port(),
         pbx = xmpp.jid("pbx"),
         ca = xmpp.ca_pem().display(),
@@ -71,6 +76,13 @@ const CALLERS: &str = "\n[caller]\n\
 
 impl Lab {
     async fn start(mode: Mode, timeout: &str) -> Lab {
+        Self::start_with(mode, timeout, TEMPLATE, "", "").await
+    }
+
+    /// [`Lab::start`] with another template, `extra` profile lines, and
+    /// `line` (dialplan) inserted in the snippet right before its
+    /// ExternalIVR, where the README says to put the copy of a SIP header.
+    async fn start_with(mode: Mode, timeout: &str, template: &str, extra: &str, line: &str) -> Lab {
         let xmpp = Prosody::builder()
             .user("pbx", PBX_PW)
             .user("alice", ALICE_PW)
@@ -84,7 +96,7 @@ impl Lab {
         subscribe(&xmpp, ("pbx", PBX_PW), &mut [&mut alice]).await;
         let alice = Some(alice);
         let conf = dir.path().join("popivr.conf");
-        std::fs::write(&conf, config(&xmpp, timeout)).unwrap();
+        std::fs::write(&conf, config_with(&xmpp, timeout, template, extra)).unwrap();
         let (snippet, daemon) = match mode {
             Mode::PerCall => (
                 shipped("interactive-pop.conf").replace("/usr/bin/popivr", BIN),
@@ -96,6 +108,16 @@ impl Lab {
                 let text = shipped("ivr-daemon.conf")
                     .replace("popivr.example.org", &format!("127.0.0.1:{port}"));
                 (text, Some(daemon))
+            }
+        };
+        let snippet = match line {
+            "" => snippet,
+            line => {
+                let at = snippet
+                    .find(" same => n,ExternalIVR(")
+                    .or_else(|| snippet.find(" same => n,TryExec(ExternalIVR("))
+                    .expect("the snippet runs ExternalIVR");
+                format!("{}{line}\n{}", &snippet[..at], &snippet[at..])
             }
         };
         let pbx = Asterisk::builder()
@@ -130,6 +152,52 @@ impl Lab {
             .await
             .expect("originate")
     }
+}
+
+/// A SIP header copied into a variable as the README says (here from a
+/// channel variable the caller side sets: this Asterisk has no PJSIP, so
+/// `PJSIP_HEADER(read,…)` itself is not run) reaches the pop intact,
+/// hostile characters and all.
+async fn sip_header_in_the_pop(mode: Mode) {
+    let readme = "Set(POPIVR_SIP_X-Customer-Id=${URIENCODE(${PJSIP_HEADER(read,X-Customer-Id)})})";
+    let line = format!(
+        " same => n,{}",
+        readme.replace("PJSIP_HEADER(read,X-Customer-Id)", "CUSTOMER")
+    );
+    let template = "Customer [sip.X-Customer-Id] calls. Reply 1 desk";
+    let extra = "sip_headers = X-Customer-Id\n";
+    let mut lab = Lab::start_with(mode, "30", template, extra, &line).await;
+    let mut alice = lab.alice();
+    let id = "C-42, \"VIP\" (gold);x=1 ü";
+    let call = lab
+        .pbx
+        .originate(
+            Originate::new("Local/100@from-trunk")
+                .caller_id("5550020", "Customer")
+                .var("__CUSTOMER", id)
+                .exten("caller", "listen"),
+        )
+        .await
+        .expect("originate");
+    let pop = alice.expect_message(|m| body(m).is_some()).await;
+    assert_eq!(
+        body(&pop).unwrap(),
+        format!("Customer {id} calls. Reply 1 desk"),
+        "{mode:?}"
+    );
+    alice.send_chat(&lab.xmpp.jid("pbx"), "1").await;
+    assert_eq!(pbx::action(&lab.pbx, &call, WAIT).await, "desk", "{mode:?}");
+    pbx::none_left_in_externalivr(&lab.pbx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_call_sip_header_in_the_pop() {
+    sip_header_in_the_pop(Mode::PerCall).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_sip_header_in_the_pop() {
+    sip_header_in_the_pop(Mode::Serve).await;
 }
 
 async fn pop_reply_and_branch(mode: Mode) {
