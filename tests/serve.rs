@@ -455,6 +455,20 @@ enum On {
     Ejabberd,
 }
 
+/// A throw-away server of kind `on` with popivr's account and `agents`.
+fn server_on(on: On, agents: &[&str]) -> Box<dyn Server> {
+    match on {
+        On::Prosody => Box::new(server_with(agents)),
+        On::Ejabberd => {
+            let mut builder = Ejabberd::builder().user("pbx", PBX_PW);
+            for a in agents {
+                builder = builder.user(a, AGENT_PW);
+            }
+            Box::new(builder.start())
+        }
+    }
+}
+
 async fn one_agent_on(
     on: On,
 ) -> (
@@ -464,15 +478,7 @@ async fn one_agent_on(
     TestAgent,
     String,
 ) {
-    let server: Box<dyn Server> = match on {
-        On::Prosody => Box::new(server_with(&["alice"])),
-        On::Ejabberd => Box::new(
-            Ejabberd::builder()
-                .user("pbx", PBX_PW)
-                .user("alice", AGENT_PW)
-                .start(),
-        ),
-    };
+    let server = server_on(on, &["alice"]);
     let dir = tempfile::tempdir().unwrap();
     let conf = xmpp_config(&*server, &pop_profile("pop", &server.jid("alice"), 600));
     let daemon = Daemon::start(&write_config(dir.path(), &conf), &[]);
@@ -654,6 +660,62 @@ async fn an_ambiguous_reply_gets_a_question_and_no_call_moves_on(on: On) {
     alice.send_chat(&pbx, &format!("#{}: 1", threads[0])).await;
     expect_action(&mut calls[1], "sales").await;
     expect_action(&mut calls[0], "desk").await;
+}
+
+/// Two calls pop both alice and bob, and each answers a different call at
+/// the same moment. Plain answers without tag or thread could be for
+/// either call: neither moves and each agent is asked. Answers in the
+/// pops' threads, sent at once, move exactly the call each was written
+/// for, each with its own agent.
+#[tokio::test]
+async fn two_agents_answer_two_calls_at_once() {
+    two_agents_answer_two_calls_at_once_on(On::Prosody).await;
+}
+
+#[tokio::test]
+async fn two_agents_answer_two_calls_at_once_on_ejabberd() {
+    two_agents_answer_two_calls_at_once_on(On::Ejabberd).await;
+}
+
+async fn two_agents_answer_two_calls_at_once_on(on: On) {
+    let server = server_on(on, &["alice", "bob"]);
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!("{}, {}", server.jid("alice"), server.jid("bob"));
+    let conf = xmpp_config(&*server, &pop_profile("pop", &targets, 600));
+    let daemon = Daemon::start(&write_config(dir.path(), &conf), &[]);
+    daemon.wait_log(&["online as"]).await;
+    let mut alice = agent(&*server, "alice").await;
+    let mut bob = agent(&*server, "bob").await;
+    let pbx = server.jid("pbx");
+
+    let mut calls = Vec::new();
+    // Each agent's threads, by call.
+    let (mut a_threads, mut b_threads) = (Vec::new(), Vec::new());
+    for n in 1..=2 {
+        let mut sim = Sim::start(daemon.call(&format!("pop,n={n}"))).unwrap();
+        expect_start(&mut sim).await;
+        let (got, thread) = next_pop(&mut alice).await;
+        assert_eq!(got, n);
+        a_threads.push(thread);
+        let (got, thread) = next_pop(&mut bob).await;
+        assert_eq!(got, n);
+        b_threads.push(thread);
+        calls.push(sim);
+    }
+    tokio::join!(alice.send_chat(&pbx, "1"), bob.send_chat(&pbx, "2"));
+    expect_text(&mut alice, |b| b.starts_with("Several calls")).await;
+    expect_text(&mut bob, |b| b.starts_with("Several calls")).await;
+    for sim in &mut calls {
+        still_waiting(sim, Duration::from_millis(500)).await;
+    }
+    tokio::join!(
+        alice.send(TestMessage::chat(&pbx, "1").thread(&a_threads[0])),
+        bob.send(TestMessage::chat(&pbx, "2").thread(&b_threads[1])),
+    );
+    expect_action(&mut calls[0], "desk").await;
+    assert_eq!(calls[0].var("POPIVR_AGENT"), Some(alice.bare()));
+    expect_action(&mut calls[1], "sales").await;
+    assert_eq!(calls[1].var("POPIVR_AGENT"), Some(bob.bare()));
 }
 
 #[tokio::test(flavor = "current_thread")]
