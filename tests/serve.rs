@@ -94,6 +94,17 @@ impl Daemon {
         panic!("no log line with {parts:?}:\n{}", self.log());
     }
 
+    /// How many log lines hold `part`, once at least `want` do (the log
+    /// reaches the test through a pipe and a thread: a moment after the
+    /// daemon acted) or [`WAIT`] has passed.
+    async fn count_log_at_least(&self, part: &str, want: usize) -> usize {
+        let t0 = Instant::now();
+        while self.count_log(part) < want && t0.elapsed() < WAIT {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.count_log(part)
+    }
+
     fn count_log(&self, part: &str) -> usize {
         self.log
             .lock()
@@ -270,7 +281,11 @@ async fn garbage_slow_and_vanishing_connections_leave_other_calls_alone() {
         .await;
         assert!(closed.is_ok(), "connection left open\n{}", daemon.log());
     }
-    assert!(daemon.count_log("no answer to P") >= 2, "{}", daemon.log());
+    assert!(
+        daemon.count_log_at_least("no answer to P", 2).await >= 2,
+        "{}",
+        daemon.log()
+    );
 }
 
 #[tokio::test]
@@ -786,14 +801,10 @@ async fn fifty_concurrent_calls_get_their_own_replies() {
     }
     // The daemon logs a call's end once Asterisk has answered its `E`,
     // which may be a moment after the simulator handed the `E` out.
-    let deadline = std::time::Instant::now() + WAIT;
-    while daemon.count_log("call over: done") < CALLS as usize
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert_eq!(
-        daemon.count_log("call over: done"),
+        daemon
+            .count_log_at_least("call over: done", CALLS as usize)
+            .await,
         CALLS as usize,
         "{}",
         daemon.log()
