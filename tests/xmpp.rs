@@ -725,3 +725,93 @@ async fn a_keepalive_notices_a_server_that_stopped_answering() {
     assert!(t.elapsed() < WAIT, "{:?}", t.elapsed());
     assert!(cause.contains("no answer to a ping"), "{cause}");
 }
+
+/// A message sent right before the close reaches the agent even when the
+/// server gets to it late and writes to us first, as a busy server does:
+/// the session keeps its connection open until the server has closed the
+/// stream too. (A session that let go at once was reset by its kernel on
+/// the server's next write, and prosody dropped the connection with the
+/// message unread: 1 or 2 of 200 confirmations under load.)
+#[tokio::test]
+async fn a_message_sent_right_before_close_survives_a_busy_server() {
+    let server = Prosody::builder()
+        .user("pbx", PBX_PW)
+        .user("alice", ALICE_PW)
+        .plaintext_allowed()
+        .start();
+    let mut alice = TestAgent::login(&server, "alice", ALICE_PW).await;
+    let text = "Call from 2001: sent to desk";
+    // In the clear, so that the relay sees the message go by.
+    let mut account = server.account("pbx", PBX_PW);
+    account.port = busy_relay(server.addr(), text).await;
+    account.usetls = false;
+    account.allow_plaintext = true;
+    let session = online(&account).await;
+    session.send(OutgoingMessage::chat(alice.bare(), text, None));
+    let t = Instant::now();
+    session.close().await;
+    let took = t.elapsed();
+    let got = alice
+        .next_message_within(Duration::from_secs(2), |m| body(m) == Some(text))
+        .await;
+    assert!(got.is_some(), "the message was lost (close took {took:?})");
+    alice.close().await;
+}
+
+/// A TCP relay to `upstream` that plays a busy server: the first chunk from
+/// the client that holds `trigger` waits while the relay writes to the
+/// client twice, 10 ms apart (a whitespace keepalive, harmless between
+/// stanzas), and goes on only if both writes worked. A failed write means
+/// the client is gone; the relay then drops the connection with what it
+/// held, as prosody does on a "Broken pipe". Returns the port it listens on.
+async fn busy_relay(upstream: std::net::SocketAddr, trigger: &'static str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_server, mut to_server) = server.into_split();
+        let (mut up, mut down) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+        let (mut held, mut client_done) = (false, false);
+        loop {
+            tokio::select! {
+                n = from_client.read(&mut up), if !client_done => {
+                    let n = match n {
+                        Ok(0) | Err(_) => {
+                            client_done = true;
+                            let _ = to_server.shutdown().await;
+                            continue;
+                        }
+                        Ok(n) => n,
+                    };
+                    if !held && String::from_utf8_lossy(&up[..n]).contains(trigger) {
+                        held = true;
+                        for _ in 0..2 {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            if to_client.write_all(b" ").await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    if to_server.write_all(&up[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                n = from_server.read(&mut down) => match n {
+                    Ok(0) | Err(_) => {
+                        let _ = to_client.shutdown().await;
+                        return;
+                    }
+                    Ok(n) => {
+                        if to_client.write_all(&down[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    port
+}

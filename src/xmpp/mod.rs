@@ -149,9 +149,10 @@ impl Session {
         self.events.recv().await
     }
 
-    /// End the session: abandons a login in progress, or sends the stream
-    /// footer (bounded by a few tens of milliseconds). Returns when the
-    /// task is gone.
+    /// End the session: abandons a login in progress, or sends what is
+    /// queued and closes the stream, waiting for the server to close it too
+    /// (bounded by a few tens of milliseconds). Returns when the task is
+    /// gone.
     pub async fn close(self) {
         let Session {
             cmds,
@@ -161,7 +162,9 @@ impl Session {
         let _ = cmds.send(session::Cmd::Close);
         // The task may be waiting to hand us an event; let it go.
         drop(events);
-        let bound = session::CLOSE_TIMEOUT * 2;
+        // The task bounds its close itself; the margin is for what it
+        // still had to send before it.
+        let bound = session::CLOSE_TIMEOUT + std::time::Duration::from_millis(10);
         if tokio::time::timeout(bound, &mut task).await.is_err() {
             task.abort();
         }
