@@ -2,8 +2,10 @@
 //! on disk, its output and exit status. No secret may appear in either
 //! output stream, whatever happens.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use popivr::testbed::{self, Prosody};
 use popivr::xmpp::{self, Session, SessionOptions, XmppEvent, XmppStatus};
@@ -68,22 +70,7 @@ fn write_config_with(server: &Prosody, secret: &str, account: &str, profile: &st
 }
 
 fn check(config: &Path, extra: &[&str]) -> (Output, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_popivr"))
-        .arg("--config")
-        .arg(config)
-        .arg("check")
-        .args(extra)
-        .output()
-        .expect("run popivr check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for secret in [PBX_PW, WRONG_PW] {
-        assert!(!text.contains(secret), "a secret was printed:\n{text}");
-    }
-    (out, text)
+    support::pbx::popivr_check(config, extra, &[PBX_PW, WRONG_PW])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

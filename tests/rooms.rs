@@ -7,15 +7,12 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use popivr::call::RealJids;
 use popivr::testbed::{self, Ejabberd, Server};
 use popivr::xmpp::{self, SessionOptions, XmppEvent, XmppStatus};
 use support::{Prosody, TestAgent, WAIT};
 use tokio::time::timeout;
-use tokio_xmpp::{IqRequest, IqResponse};
-use xmpp_parsers::minidom::Element;
 
 const PBX_PW: &str = "pbx-Secret-6e0b";
 const OWNER_PW: &str = "owner-Secret-19fa";
@@ -47,25 +44,8 @@ async fn prosody() -> Prosody {
     for (room, whois) in [(HIDDEN, "moderators"), (SHOWN, "anyone")] {
         let mut owner = TestAgent::login(&server, "owner", OWNER_PW).await;
         let room = format!("{room}@{}", server.muc_domain());
-        owner
-            .send_raw(&format!(
-                "<presence xmlns='jabber:client' to='{room}/owner'>\
-                   <x xmlns='http://jabber.org/protocol/muc'/></presence>"
-            ))
-            .await;
-        let form: Element = format!(
-            "<query xmlns='http://jabber.org/protocol/muc#owner'>\
-               <x xmlns='jabber:x:data' type='submit'>\
-                 <field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
-                 <field var='muc#roomconfig_whois'><value>{whois}</value></field>\
-                 <field var='muc#roomconfig_persistentroom'><value>1</value></field>\
-               </x></query>"
-        )
-        .parse()
-        .unwrap();
-        match owner.iq(&room, IqRequest::Set(form)).await {
-            IqResponse::Result(_) => {}
-            IqResponse::Error(e) => panic!("room configuration refused: {e:?}"),
+        if let Err(e) = owner.own_room(&room, "owner", whois).await {
+            panic!("{e}");
         }
         owner.close().await;
     }
@@ -115,18 +95,7 @@ fn config(server: &impl Server, dir: &std::path::Path, room: &str) -> PathBuf {
 
 /// `popivr check` on a profile posting to `room`: (passed, output).
 fn check(config: &std::path::Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_popivr"))
-        .arg("--config")
-        .arg(config)
-        .arg("check")
-        .output()
-        .expect("run popivr check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!text.contains(PBX_PW), "the secret was printed:\n{text}");
+    let (out, text) = support::pbx::popivr_check(config, &[], &[PBX_PW]);
     (out.status.success(), text)
 }
 

@@ -7,8 +7,6 @@ mod support;
 use popivr::testbed::Prosody;
 use popivr::xmpp;
 use support::TestAgent;
-use tokio_xmpp::{IqRequest, IqResponse};
-use xmpp_parsers::minidom::Element;
 
 const PW: &str = "testbed-Secret-4e1d";
 
@@ -21,24 +19,10 @@ async fn a_user_creates_a_non_anonymous_room() {
     let mut alice = TestAgent::login(&server, "alice", PW).await;
 
     let room = format!("desk@{}", server.muc_domain());
-    alice
-        .send_raw(&format!(
-            "<presence xmlns='jabber:client' to='{room}/alice'>\
-               <x xmlns='http://jabber.org/protocol/muc'/></presence>"
-        ))
-        .await;
     // Only the room's owner may configure it, so a result proves that the
     // join created the room and made alice its owner.
-    let form: Element = "<query xmlns='http://jabber.org/protocol/muc#owner'>\
-           <x xmlns='jabber:x:data' type='submit'>\
-             <field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
-             <field var='muc#roomconfig_whois'><value>anyone</value></field>\
-           </x></query>"
-        .parse()
-        .unwrap();
-    match alice.iq(&room, IqRequest::Set(form)).await {
-        IqResponse::Result(_) => {}
-        IqResponse::Error(e) => panic!("room configuration refused: {e:?}\n{}", server.log()),
+    if let Err(e) = alice.own_room(&room, "alice", "anyone").await {
+        panic!("{e}\n{}", server.log());
     }
     alice.close().await;
 }

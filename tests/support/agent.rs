@@ -324,6 +324,32 @@ impl TestAgent {
             .unwrap_or_else(|| panic!("{}: no matching message within {WAIT:?}", self.jid))
     }
 
+    /// Join `room` (a bare room JID) as `nick`, which creates it with us
+    /// as its owner, and configure who sees real JIDs (`whois`:
+    /// `anyone` or `moderators`); the room is kept when we leave. Only the
+    /// owner may configure a room, so success proves both.
+    pub async fn own_room(&mut self, room: &str, nick: &str, whois: &str) -> Result<(), String> {
+        self.send_raw(&format!(
+            "<presence xmlns='jabber:client' to='{room}/{nick}'>\
+               <x xmlns='http://jabber.org/protocol/muc'/></presence>"
+        ))
+        .await;
+        let form: Element = format!(
+            "<query xmlns='http://jabber.org/protocol/muc#owner'>\
+               <x xmlns='jabber:x:data' type='submit'>\
+                 <field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
+                 <field var='muc#roomconfig_whois'><value>{whois}</value></field>\
+                 <field var='muc#roomconfig_persistentroom'><value>1</value></field>\
+               </x></query>"
+        )
+        .parse()
+        .expect("room configuration form");
+        match self.iq(room, IqRequest::Set(form)).await {
+            IqResponse::Result(_) => Ok(()),
+            IqResponse::Error(e) => Err(format!("room configuration refused: {e:?}")),
+        }
+    }
+
     /// Ask the server for XEP-0280 carbons: copies of what our other
     /// devices send and receive.
     pub async fn enable_carbons(&mut self) {

@@ -17,6 +17,31 @@ pub fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
+/// `popivr --config CONFIG check EXTRA…`: its output and stdout + stderr
+/// as text, which must hold none of `secrets`.
+pub fn popivr_check(
+    config: &Path,
+    extra: &[&str],
+    secrets: &[&str],
+) -> (std::process::Output, String) {
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .arg("check")
+        .args(extra)
+        .output()
+        .expect("run popivr check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for secret in secrets {
+        assert!(!text.contains(secret), "a secret was printed:\n{text}");
+    }
+    (out, text)
+}
+
 /// A shipped dialplan snippet (`dialplan/NAME`), as an admin copies it.
 pub fn shipped(name: &str) -> String {
     std::fs::read_to_string(repo("dialplan").join(name)).expect("shipped snippet")
