@@ -426,6 +426,34 @@ mod tests {
         assert_eq!(a.count(), 3, "stray G, P and F events are no answers");
     }
 
+    /// On a socket the batch is drained the moment Asterisk answers its
+    /// first line, not at the first timed wake-up: on a paused clock the
+    /// empty line comes without any time passing.
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_batch_is_drained_as_soon_as_its_first_line_is_answered() {
+        use tokio::io::AsyncReadExt;
+        let (out, mut asterisk) = tokio::io::duplex(4096);
+        let writer = CommandWriter::socket(out);
+        let answers = writer.answers();
+        let t0 = tokio::time::Instant::now();
+        writer.send(vec!["S,a\n".into(), "A,b\n".into()]);
+        let mut buf = vec![0u8; 4096];
+        let n = asterisk.read(&mut buf).await.unwrap();
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            "G,POPIVR_SYNC\nS,a\nA,b\nG,POPIVR_SYNC\n"
+        );
+        // Asterisk read all of it and handled the first line only.
+        assert!(answers.heard(&Event::Vars("POPIVR_SYNC=".into())));
+        let n = asterisk.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], WAKE);
+        assert_eq!(
+            tokio::time::Instant::now(),
+            t0,
+            "woken by the timer, not the answer"
+        );
+    }
+
     #[tokio::test]
     async fn a_writer_nobody_reads_stops_once_its_backlog_is_full() {
         // Asterisk's end: held open, never read.
