@@ -195,11 +195,28 @@ async fn expect_action(sim: &mut Sim, action: &str) {
     );
 }
 
+/// The variables every profile here reads (the defaults), read in the
+/// same write as `P`, before the call's profile is known.
+const PREFETCH: [&str; 5] = [
+    "G,POPIVR_CALLER_NUM",
+    "G,POPIVR_CALLER_NAME",
+    "G,POPIVR_EXTEN",
+    "G,POPIVR_DNID",
+    "G,POPIVR_UNIQUEID",
+];
+
+async fn expect_prefetch(sim: &mut Sim) {
+    for read in PREFETCH {
+        assert_eq!(next(sim).await, read, "{}", sim.transcript());
+    }
+}
+
 /// The call starts like a per-call one: `P` first, then the hold audio
 /// (after the socket writer's own read, which starts each batch of
 /// several lines: src/eivr/pace.rs).
 async fn expect_start(sim: &mut Sim) {
     assert_eq!(next(sim).await, "P,x", "{}", sim.transcript());
+    expect_prefetch(sim).await;
     assert_eq!(next(sim).await, "G,POPIVR_SYNC", "{}", sim.transcript());
     assert_eq!(next(sim).await, "S,moh/a", "{}", sim.transcript());
 }
@@ -320,6 +337,7 @@ async fn unknown_profiles_send_the_call_on_with_the_dialplan() {
     let daemon = Daemon::start(&write_config(dir.path(), KEYS), &[]);
     let mut sim = Sim::start(daemon.call("nope")).unwrap();
     assert_eq!(next(&mut sim).await, "P,x");
+    expect_prefetch(&mut sim).await;
     assert_eq!(next(&mut sim).await, "E,popivr: unknown profile");
     assert_eq!(
         sim.wait_end(WAIT).await.map(|e| e.reason),
@@ -332,6 +350,7 @@ async fn unknown_profiles_send_the_call_on_with_the_dialplan() {
 async fn call_other(daemon: &Daemon) {
     let mut sim = Sim::start(daemon.call("other")).unwrap();
     assert_eq!(next(&mut sim).await, "P,x");
+    expect_prefetch(&mut sim).await;
     assert_eq!(next(&mut sim).await, "G,POPIVR_SYNC");
     assert_eq!(next(&mut sim).await, "S,moh/b");
     sim.key('1');
@@ -992,20 +1011,24 @@ async fn protocol_tests_run_the_same_over_ivr() {
         script.call = script
             .call
             .replacen("popivr", &format!("ivr://{}", daemon.addr), 1);
-        script.steps.retain(|s| {
-            !matches!(
-                s.kind,
-                StepKind::StderrHas(_) | StepKind::StderrLacks(_) | StepKind::ExitsWithin(_)
-            )
+        // Over ivr:// the variable reads go out with `P`, before the hold
+        // audio (the prefetch tests above check them), so the scripts'
+        // `expect: G,...` steps, written for the per-call order, go.
+        script.steps.retain(|s| match s.kind {
+            StepKind::StderrHas(_) | StepKind::StderrLacks(_) | StepKind::ExitsWithin(_) => false,
+            StepKind::Expect(_) => !s.text.starts_with("expect: G,"),
+            _ => true,
         });
-        script.steps.insert(
-            0,
-            Step {
-                line: 0,
-                text: "ignore: P,x".into(),
-                kind: StepKind::Ignore(Glob::new("P,x").unwrap()),
-            },
-        );
+        for pattern in ["P,x", "G,*"] {
+            script.steps.insert(
+                0,
+                Step {
+                    line: 0,
+                    text: format!("ignore: {pattern}"),
+                    kind: StepKind::Ignore(Glob::new(pattern).unwrap()),
+                },
+            );
+        }
         runs.push(tokio::spawn(async move {
             let result = Runner::new("popivr").run(&script).await;
             if result.is_ok() {

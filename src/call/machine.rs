@@ -140,6 +140,16 @@ enum Link {
     Failed,
 }
 
+/// The channel variables a call of `profile` reads with `G`: the
+/// profile's `variables`, then one per SIP header it shows.
+pub fn reads(profile: &Profile) -> impl Iterator<Item = String> + '_ {
+    let sip = profile
+        .sip_headers
+        .iter()
+        .map(|h| format!("{SIP_HEADER_PREFIX}{h}"));
+    profile.variables.iter().cloned().chain(sip)
+}
+
 pub struct Call {
     profile: Arc<Profile>,
     /// A short id for this call, used as the XMPP thread of its pop.
@@ -150,6 +160,9 @@ pub struct Call {
     hold: Vec<String>,
     /// Names asked with `G`, in the order their answers will come.
     pending_reads: VecDeque<String>,
+    /// Names the shell asked with `G` before this call knew its profile
+    /// (serve mode), in the order it asked them.
+    asked: Vec<String>,
     link: Link,
     /// Bare JIDs the pop went to; only they may steer the call.
     popped: Vec<String>,
@@ -199,6 +212,7 @@ impl Call {
             },
             phase: Phase::Waiting,
             pending_reads: VecDeque::new(),
+            asked: Vec::new(),
             link,
             popped: Vec::new(),
             room_popped: false,
@@ -211,6 +225,15 @@ impl Call {
             outcome: None,
             agents: Arc::default(),
         }
+    }
+
+    /// The `G` reads the shell already sent, in order, before the profile
+    /// was known (`popivr serve` reads the variables every profile reads in
+    /// the same write as `P`). Their answers come first; [`Call::start`]
+    /// asks only for what they miss, and keeps only what the profile reads.
+    pub fn with_asked(mut self, names: Vec<String>) -> Self {
+        self.asked = names;
+        self
     }
 
     /// Give the `type = agent` sections (their `$name$` values, `exten`
@@ -266,12 +289,11 @@ impl Call {
         if self.link == Link::Connecting {
             out.push(Output::Connect);
         }
-        let sip = self
-            .profile
-            .sip_headers
-            .iter()
-            .map(|h| format!("{SIP_HEADER_PREFIX}{h}"));
-        for name in self.profile.variables.iter().cloned().chain(sip) {
+        self.pending_reads.extend(self.asked.iter().cloned());
+        for name in reads(&self.profile) {
+            if self.asked.contains(&name) {
+                continue;
+            }
             // One name per `G`: a value may hold commas.
             out.push(Output::Command(Command::GetVars(vec![name.clone()])));
             self.pending_reads.push_back(name);
@@ -407,6 +429,8 @@ impl Call {
             return;
         };
         match split_vars(data, &[name.as_str()]).pop() {
+            // Read for another profile, on speculation.
+            Some(_) if !self.reads(&name) => {}
             Some((_, value)) => {
                 let value = match name.starts_with(ENCODED_PREFIX) {
                     true => template::percent_decode(&value),
@@ -425,6 +449,10 @@ impl Call {
             self.warn_if_no_data(out);
             self.maybe_pop(out);
         }
+    }
+
+    fn reads(&self, name: &str) -> bool {
+        reads(&self.profile).any(|n| n == name)
     }
 
     /// Every variable read came back empty: the dialplan did not set them

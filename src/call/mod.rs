@@ -7,7 +7,8 @@ use crate::eivr::{Command, EventLine};
 
 mod machine;
 pub use machine::{
-    CALLER_NAME, CALLER_NUM, Call, CallData, DNID, ENCODED_PREFIX, EXTEN, UNIQUEID, room_hides_jids,
+    CALLER_NAME, CALLER_NUM, Call, CallData, DNID, ENCODED_PREFIX, EXTEN, UNIQUEID, reads,
+    room_hides_jids,
 };
 
 /// Kind of an incoming XMPP message (`type` attribute; absent = `Normal`).

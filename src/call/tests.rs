@@ -185,6 +185,28 @@ fn variables_are_read_one_name_per_g() {
 }
 
 #[test]
+fn reads_asked_before_the_profile_was_known_are_not_asked_again() {
+    // serve mode read POPIVR_CALLER_NUM and, for another profile,
+    // CUSTOMER_ID with `P`; this profile still needs POPIVR_CALLER_NAME.
+    let asked = vec!["POPIVR_CALLER_NUM".to_string(), "CUSTOMER_ID".to_string()];
+    let mut p = profile();
+    p.template = "Call from $caller_name$ <$caller$>${CUSTOMER_ID}".into();
+    let mut call = Call::new(Arc::new(p), "c1".into(), vec![]).with_asked(asked);
+    let gets: Vec<_> = commands(&call.start())
+        .into_iter()
+        .filter(|c| matches!(c, Command::GetVars(_)))
+        .collect();
+    assert_eq!(gets, [Command::GetVars(vec!["POPIVR_CALLER_NAME".into()])]);
+    // The answers come in the order asked: the early ones first.
+    call.handle(ev(Event::Vars("POPIVR_CALLER_NUM=555".into())));
+    call.handle(ev(Event::Vars("CUSTOMER_ID=C-42".into())));
+    call.handle(ev(Event::Vars("POPIVR_CALLER_NAME=Doe, John".into())));
+    let pops = sent(&call.handle(Input::Xmpp(XmppStatus::Online)));
+    // The other profile's variable is not this call's data.
+    assert_eq!(pops[0].1, "Call from Doe, John <555>");
+}
+
+#[test]
 fn a_finished_hold_file_is_queued_again() {
     let (mut call, _) = popped_call();
     let out = call.handle(ev(Event::Finished("moh/b".into())));

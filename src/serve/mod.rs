@@ -288,6 +288,25 @@ async fn bind(addrs: &[String]) -> Result<Vec<TcpListener>> {
 struct Current {
     profiles: BTreeMap<String, Arc<Prepared>>,
     hubs: BTreeMap<String, Hub>,
+    /// The variables the profiles read, asked in the same write as `P`.
+    prefetch: Vec<String>,
+}
+
+/// At most this many variables are read before the profile is known; a
+/// profile's other reads wait for `P`'s answer.
+const MAX_PREFETCH: usize = 16;
+
+/// The variables to read with `P`, before the call's profile is known:
+/// those of every profile (most read the same ones), up to
+/// [`MAX_PREFETCH`]. A read another profile needed costs one `G` line.
+fn prefetch<'a>(profiles: impl Iterator<Item = &'a Profile>) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for name in profiles.flat_map(crate::call::reads) {
+        if !names.contains(&name) && names.len() < MAX_PREFETCH {
+            names.push(name);
+        }
+    }
+    names
 }
 
 /// A profile with what every call of it shares.
@@ -314,6 +333,7 @@ impl Daemon {
             current: RwLock::new(Arc::new(Current {
                 profiles: BTreeMap::new(),
                 hubs: BTreeMap::new(),
+                prefetch: Vec::new(),
             })),
             tasks: std::sync::Mutex::new(Vec::new()),
         }
@@ -387,7 +407,12 @@ impl Daemon {
                 (name.clone(), Arc::new(prepared))
             })
             .collect();
-        let current = Arc::new(Current { profiles, hubs });
+        let prefetch = prefetch(config.profiles.values());
+        let current = Arc::new(Current {
+            profiles,
+            hubs,
+            prefetch,
+        });
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = current;
     }
 
@@ -433,7 +458,13 @@ impl Daemon {
         let rd = QuickAck(rd);
         let mut events = LineReader::new(BufReader::with_capacity(READ_BUFFER, rd));
         let asked = Instant::now();
-        if write_command(&mut wr, &Command::GetParams).await.is_err() {
+        // The variables go with `P`: their answers come right after its
+        // own, one round trip sooner than if they waited for the profile.
+        let prefetch = self.current().prefetch.clone();
+        let first: Vec<Command> = std::iter::once(Command::GetParams)
+            .chain(prefetch.iter().map(|n| Command::GetVars(vec![n.clone()])))
+            .collect();
+        if write_commands(&mut wr, &first).await.is_err() {
             log.info(&format!("connection from {peer} closed at once"));
             return;
         }
@@ -450,6 +481,12 @@ impl Daemon {
                 return;
             }
         };
+        // Asterisk handled `P` alone; the reads wait in its buffer until
+        // the socket has bytes again (eivr::pace): this empty line.
+        if !prefetch.is_empty() && wr.write_all(b"\n").await.is_err() {
+            log.info(&format!("{peer} closed the connection"));
+            return;
+        }
         log.debug(&format!(
             "parameters in {}us: {}",
             asked.elapsed().as_micros(),
@@ -470,8 +507,9 @@ impl Daemon {
         };
         log.info(&format!("call from {peer}, profile [{name}]"));
         let args = run::parse_args(params.get(2..).unwrap_or_default());
-        let call =
-            Call::new(prepared.profile.clone(), id, args).with_agents(prepared.agents.clone());
+        let call = Call::new(prepared.profile.clone(), id, args)
+            .with_agents(prepared.agents.clone())
+            .with_asked(prefetch);
         let link = current
             .hubs
             .get(&prepared.profile.account)
@@ -507,8 +545,16 @@ async fn read_params(
 }
 
 async fn write_command(out: &mut OwnedWriteHalf, cmd: &Command) -> std::io::Result<()> {
-    let line = eivr::render(cmd).map_err(std::io::Error::other)?;
-    timeout(run::WRITE_TIMEOUT, out.write_all(line.as_bytes()))
+    write_commands(out, std::slice::from_ref(cmd)).await
+}
+
+/// Several commands in one write.
+async fn write_commands(out: &mut OwnedWriteHalf, cmds: &[Command]) -> std::io::Result<()> {
+    let mut lines = String::new();
+    for cmd in cmds {
+        lines.push_str(&eivr::render(cmd).map_err(std::io::Error::other)?);
+    }
+    timeout(run::WRITE_TIMEOUT, out.write_all(lines.as_bytes()))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out"))?
 }
