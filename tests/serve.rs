@@ -884,6 +884,41 @@ async fn calls_ride_out_an_xmpp_server_restart() {
     expect_action(&mut after, "desk").await;
 }
 
+/// A pop written just before the server died never reached it (the ping
+/// after it went unanswered): the daemon sends it again once back online,
+/// the agent gets it, and their answer still steers the call.
+#[tokio::test]
+async fn a_pop_the_server_never_read_is_sent_again_after_a_reconnect() {
+    let mut server = server_with(&["alice"]);
+    let dir = tempfile::tempdir().unwrap();
+    let profiles = pop_profile("pop", &server.jid("alice"), 600);
+    let daemon = Daemon::start(
+        &write_config(dir.path(), &xmpp_config(&server, &profiles)),
+        &[],
+    );
+    daemon.wait_log(&["online as"]).await;
+    let pbx = server.jid("pbx");
+
+    // The pop goes into the socket of a server that reads nothing, and
+    // the server dies with it unread.
+    server.freeze();
+    let mut call = Sim::start(daemon.call("pop,n=1")).unwrap();
+    expect_start(&mut call).await;
+    daemon.wait_log(&["popivr[1]", "pop sent to"]).await;
+    server.kill();
+    daemon.wait_log(&["XMPP link down"]).await;
+    server.restart();
+    daemon
+        .wait_log(&["1 message(s) the XMPP server may not have had sent again"])
+        .await;
+
+    let mut alice = TestAgent::login(&server, "alice", AGENT_PW).await;
+    let (n, _) = next_pop(&mut alice).await;
+    assert_eq!(n, 1);
+    alice.send_chat(&pbx, "1").await;
+    expect_action(&mut call, "desk").await;
+}
+
 /// The shared session saw the agents' presence long before a call starts:
 /// each new call hears it from the hub at once (a per-call session would
 /// have asked for it at its own login). A call that missed it would wait

@@ -694,18 +694,23 @@ fn server_less_account() -> Account {
     }
 }
 
-#[tokio::test]
-async fn a_keepalive_notices_a_server_that_stopped_answering() {
-    let server = server();
+/// pbx online with a keepalive every 500 ms.
+async fn online_with_keepalive(server: &impl Server) -> Session {
     let options = xmpp::SessionOptions {
         keepalive: Some(Duration::from_millis(500)),
         ..Default::default()
     };
     let mut session = xmpp::spawn(server.account("pbx", PBX_PW), options);
     match timeout(WAIT, session.recv()).await {
-        Ok(Some(XmppEvent::Status(XmppStatus::Online))) => {}
+        Ok(Some(XmppEvent::Status(XmppStatus::Online))) => session,
         other => panic!("expected online, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_keepalive_notices_a_server_that_stopped_answering() {
+    let server = server();
+    let mut session = online_with_keepalive(&server).await;
     // Answered pings keep the link up: three intervals without a word.
     if let Ok(ev) = timeout(Duration::from_millis(1600), session.recv()).await {
         panic!("nothing should happen while the server answers: {ev:?}");
@@ -724,6 +729,86 @@ async fn a_keepalive_notices_a_server_that_stopped_answering() {
     // Without the keepalive the stream's own check takes 80 s.
     assert!(t.elapsed() < WAIT, "{:?}", t.elapsed());
     assert!(cause.contains("no answer to a ping"), "{cause}");
+}
+
+/// Stock ejabberd reads a client at 3,000 B/s after a 20 kB burst
+/// (`c2s_shaper: normal`). A burst of pops queues a keepalive ping behind
+/// tens of kB the server has not read, so its answer comes seconds late:
+/// that is a slow link, not a dead one. (Taking it for dead reconnected
+/// and dropped the queued pops: 497 of 500 in a burst through `serve`.)
+#[tokio::test]
+async fn a_shaped_server_is_slow_not_dead() {
+    let server = ejabberd();
+    let mut alice = TestAgent::login(&server, "alice", ALICE_PW).await;
+    let mut session = online_with_keepalive(&server).await;
+    const N: usize = 60;
+    let filler = "x".repeat(500);
+    let t = Instant::now();
+    for i in 0..N {
+        session.send(OutgoingMessage::chat(
+            alice.bare(),
+            format!("pop {i} {filler}"),
+            None,
+        ));
+    }
+    for i in 0..N {
+        let want = format!("pop {i} ");
+        let got = tokio::select! {
+            m = alice.expect_message(|m| body(m).is_some_and(|b| b.starts_with("pop "))) => m,
+            ev = session.recv() => match ev {
+                Some(XmppEvent::Unconfirmed(list)) => {
+                    panic!("the link broke at pop {i}: {} unconfirmed", list.len())
+                }
+                other => panic!("session event during the burst at pop {i}: {other:?}"),
+            },
+        };
+        assert!(
+            body(&got).unwrap().starts_with(&want),
+            "out of order at {i}"
+        );
+    }
+    // The shaper was in the way: the server took many keepalive intervals
+    // to read the burst, and the link stayed up all along.
+    let took = t.elapsed();
+    assert!(took > Duration::from_secs(3), "not shaped: {took:?}");
+    if let Ok(ev) = timeout(Duration::from_millis(1200), session.recv()).await {
+        panic!("nothing should happen after the burst: {ev:?}");
+    }
+    session.close().await;
+}
+
+on_both! {
+    /// When the link breaks, the session hands back the messages the
+    /// server was not known to have (a ping sent after them was never
+    /// answered), with their tags, and not those it had.
+    async fn a_broken_link_hands_back_what_the_server_may_not_have(server) {
+        let mut alice = TestAgent::login(server, "alice", ALICE_PW).await;
+        let mut session = online_with_keepalive(server).await;
+        session.send_tagged(OutgoingMessage::chat(alice.bare(), "had", None), 5);
+        alice.expect_message(|m| body(m) == Some("had")).await;
+        // The ping after it is answered within a round trip.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        server.freeze();
+        for (tag, text) in [(7, "lost 1"), (8, "lost 2")] {
+            session.send_tagged(OutgoingMessage::chat(alice.bare(), text, None), tag);
+        }
+        let unconfirmed = loop {
+            match timeout(WAIT, session.recv()).await {
+                Ok(Some(XmppEvent::Unconfirmed(list))) => break list,
+                Ok(Some(XmppEvent::Presence(_))) => continue,
+                other => panic!("expected the unconfirmed messages, got {other:?}"),
+            }
+        };
+        server.thaw();
+        let got: Vec<(u64, &str)> = unconfirmed.iter().map(|(t, m)| (*t, m.body.as_str())).collect();
+        assert_eq!(got, [(7, "lost 1"), (8, "lost 2")]);
+        match timeout(WAIT, session.recv()).await {
+            Ok(Some(XmppEvent::Status(XmppStatus::Failed(cause)))) => {
+                assert!(cause.contains("no answer to a ping"), "{cause}")
+            }
+            other => panic!("expected the failure, got {other:?}"),
+        }
+    }
 }
 
 /// A message sent right before the close reaches the agent even when the

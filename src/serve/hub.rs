@@ -13,7 +13,7 @@
 //! `xmpp::spawn` is one login attempt with no reconnects of its own; this
 //! loop around it is the daemon's reconnect logic.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -35,7 +35,9 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const CALL_QUEUE: usize = 64;
 
 enum Cmd {
-    Open(u64, mpsc::Sender<ToCall>),
+    /// A call, whether its messages stand alone (not interactive), and
+    /// its queue.
+    Open(u64, bool, mpsc::Sender<ToCall>),
     Send(u64, OutgoingMessage),
     Decided(u64, String),
     Close(u64),
@@ -80,6 +82,8 @@ impl Hub {
             options,
             router: Router::new(prefix),
             calls: HashMap::new(),
+            sent_to: HashMap::new(),
+            unsent: Vec::new(),
             link: LinkState::Connecting,
             session: None,
             seen: Seen::default(),
@@ -101,12 +105,15 @@ impl Hub {
         let _ = self.cmds.send(Cmd::Account(Box::new(account), options));
     }
 
-    /// The link for call number `n`.
-    pub fn link(&self, n: u64) -> HubLink {
+    /// The link for call number `n`. `standalone`: the call's messages
+    /// need no answer (`notify`, `route`, `missed`), so one the link lost
+    /// is still worth sending once the call is over.
+    pub fn link(&self, n: u64, standalone: bool) -> HubLink {
         let (tx, rx) = mpsc::channel(CALL_QUEUE);
         HubLink {
             hub: self.clone(),
             n,
+            standalone,
             tx: Some(tx),
             rx,
             batch: VecDeque::new(),
@@ -136,6 +143,7 @@ impl Hub {
 pub struct HubLink {
     hub: Hub,
     n: u64,
+    standalone: bool,
     /// Handed to the hub on `connect`.
     tx: Option<mpsc::Sender<ToCall>>,
     rx: mpsc::Receiver<ToCall>,
@@ -148,7 +156,7 @@ impl Link for HubLink {
     fn connect(&mut self, _log: &Logger) {
         if let Some(tx) = self.tx.take() {
             self.opened = true;
-            self.hub.cmd(Cmd::Open(self.n, tx));
+            self.hub.cmd(Cmd::Open(self.n, self.standalone, tx));
         }
     }
 
@@ -197,6 +205,11 @@ struct State {
     fingerprint: String,
     router: Router,
     calls: HashMap<u64, mpsc::Sender<ToCall>>,
+    /// Open calls: whether their messages stand alone, and who they sent
+    /// messages to.
+    sent_to: HashMap<u64, (bool, HashSet<String>)>,
+    /// Messages a broken link may have lost, to send again once back.
+    unsent: Vec<(u64, OutgoingMessage)>,
     link: LinkState,
     session: Option<xmpp::Session>,
     seen: Seen,
@@ -288,8 +301,9 @@ impl State {
 
     async fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Open(n, tx) => {
+            Cmd::Open(n, standalone, tx) => {
                 self.router.open(n);
+                self.sent_to.insert(n, (standalone, HashSet::new()));
                 match &self.link {
                     LinkState::Connecting => {}
                     LinkState::Up => {
@@ -306,8 +320,12 @@ impl State {
             }
             Cmd::Send(n, msg) => {
                 self.router.sent(n, &msg);
+                let tag = match self.sent_to.get_mut(&n) {
+                    Some((standalone, to)) => Tag::new(n, to.insert(msg.to.clone()), *standalone),
+                    None => Tag::new(n, false, true),
+                };
                 match (&self.session, &self.link) {
-                    (Some(session), LinkState::Up) => session.send(msg),
+                    (Some(session), LinkState::Up) => session.send_tagged(msg, tag.0),
                     _ => self.log.warn(&format!(
                         "popivr[{}]: IM to {} not sent: the XMPP link is down",
                         self.router.id(n),
@@ -319,6 +337,7 @@ impl State {
             Cmd::Close(n) => {
                 self.router.close(n);
                 self.calls.remove(&n);
+                self.sent_to.remove(&n);
             }
             Cmd::Account(account, options) => {
                 let print = fingerprint(&account, &options);
@@ -356,7 +375,9 @@ impl State {
                 self.link = LinkState::Up;
                 self.backoff = BACKOFF_MIN;
                 self.broadcast_status(XmppStatus::Online);
+                self.send_again();
             }
+            XmppEvent::Unconfirmed(messages) => self.unsent.extend(messages),
             XmppEvent::Status(XmppStatus::Failed(cause)) => self.lost(cause),
             XmppEvent::Message(msg) => match self.router.route(msg) {
                 Route::Deliver(n, msg) => match self.calls.get(&n) {
@@ -417,6 +438,27 @@ impl State {
         self.link = LinkState::Down(cause);
     }
 
+    /// Back online: send what the broken link may have lost, as
+    /// [`resend`] decides.
+    fn send_again(&mut self) {
+        if self.unsent.is_empty() {
+            return;
+        }
+        let unsent = std::mem::take(&mut self.unsent);
+        let (again, dropped) = resend(unsent, |n| self.calls.contains_key(&n));
+        self.log.info(&format!(
+            "{} message(s) the XMPP server may not have had sent again; {} dropped \
+             (pops of calls now over)",
+            again.len(),
+            dropped
+        ));
+        if let Some(session) = &self.session {
+            for (tag, msg) in again {
+                session.send_tagged(msg, tag);
+            }
+        }
+    }
+
     fn broadcast_status(&mut self, status: XmppStatus) {
         self.broadcast(XmppEvent::Status(status));
     }
@@ -434,6 +476,56 @@ impl State {
             }
         }
     }
+}
+
+/// A message's tag for the session: its call, whether it was the call's
+/// first message to that recipient (a pop, or a standalone notice), and
+/// whether the call's messages stand alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tag(u64);
+
+impl Tag {
+    fn new(n: u64, first: bool, standalone: bool) -> Tag {
+        Tag(n << 2 | u64::from(first) << 1 | u64::from(standalone))
+    }
+    fn call(self) -> u64 {
+        self.0 >> 2
+    }
+    fn first(self) -> bool {
+        self.0 & 2 != 0
+    }
+    fn standalone(self) -> bool {
+        self.0 & 1 != 0
+    }
+}
+
+/// Which of the messages a broken link may have lost go out again, in
+/// order, and how many do not: all of a call still open (it waits for an
+/// answer, and it was told the link broke); all that stand alone
+/// (`notify`, `route`, `missed`); of a call that is over, only what
+/// follows a pop the server had — a pop for a call that is over asks for
+/// an answer nobody can give, and a notice about a pop never received
+/// ("taken by …", "sent to voicemail") tells of a call the agent never saw.
+fn resend(
+    unsent: Vec<(u64, OutgoingMessage)>,
+    open: impl Fn(u64) -> bool,
+) -> (Vec<(u64, OutgoingMessage)>, usize) {
+    let mut lost_pops: HashSet<(u64, String)> = HashSet::new();
+    let mut again = Vec::new();
+    let mut dropped = 0;
+    for (raw, msg) in unsent {
+        let tag = Tag(raw);
+        let n = tag.call();
+        if open(n) || tag.standalone() {
+            again.push((raw, msg));
+        } else if tag.first() || lost_pops.contains(&(n, msg.to.clone())) {
+            lost_pops.insert((n, msg.to.clone()));
+            dropped += 1;
+        } else {
+            again.push((raw, msg));
+        }
+    }
+    (again, dropped)
 }
 
 impl State {
@@ -496,6 +588,28 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_lost_pop_of_a_call_now_over_is_dropped_with_its_notice() {
+        let m = |to: &str, body: &str| OutgoingMessage::chat(to, body, None);
+        let unsent = vec![
+            // Call 1, open: its pop goes again.
+            (Tag::new(1, true, false).0, m("a@x", "pop 1")),
+            // Call 2, over: its pop to a@x was lost, so is the notice; b@x
+            // had its pop, so its notice goes.
+            (Tag::new(2, true, false).0, m("a@x", "pop 2")),
+            (Tag::new(2, false, false).0, m("a@x", "2: taken by b@x")),
+            (Tag::new(2, false, false).0, m("b@x", "2: sent to desk")),
+            // Call 3, over, a missed-call notice: it stands alone.
+            (Tag::new(3, true, true).0, m("a@x", "missed 3")),
+        ];
+        let (again, dropped) = resend(unsent, |n| n == 1);
+        let bodies: Vec<&str> = again.iter().map(|(_, m)| m.body.as_str()).collect();
+        assert_eq!(bodies, ["pop 1", "2: sent to desk", "missed 3"]);
+        assert_eq!(dropped, 2);
+        // The tags go again unchanged, for the next break.
+        assert_eq!(again[0].0, Tag::new(1, true, false).0);
     }
 
     #[test]

@@ -48,7 +48,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, timeout};
 
 use crate::call::{Call, Input, OutgoingMessage};
-use crate::config::{self, Agent, Config, Profile};
+use crate::config::{self, Agent, Config, Mode, Profile};
 use crate::eivr::{self, Command, Event, EventLine, LineReader};
 use crate::logging::Logger;
 use crate::run::{self, CallSetup, Control, Link};
@@ -513,7 +513,7 @@ impl Daemon {
         let link = current
             .hubs
             .get(&prepared.profile.account)
-            .map(|hub| hub.link(n));
+            .map(|hub| hub.link(n, prepared.profile.mode != Mode::Interactive));
         let out = eivr::CommandWriter::socket(wr);
         let end = run::drive(call, early, events, out, link, control, &log).await;
         // Its place is free before anyone reads that it is over.

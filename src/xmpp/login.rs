@@ -18,6 +18,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use ::sasl::client::Mechanism;
@@ -88,9 +89,20 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// What a login's steps end with: the stream, the bound JID, the SASL
+/// mechanism (and why it ran unbound) and the socket's written-bytes count.
+type Bound = (
+    Stream,
+    FullJid,
+    (&'static str, Option<&'static str>),
+    Arc<AtomicU64>,
+);
+
 /// A logged-in, bound stream.
 pub struct Connection {
     pub(crate) stream: Stream,
+    /// Bytes the kernel has taken from the stream's socket so far.
+    pub(crate) written: Arc<AtomicU64>,
     /// The full JID the server bound us to.
     pub jid: FullJid,
     /// SASL mechanism used (for logs and tests).
@@ -118,8 +130,9 @@ pub async fn login(account: &Account) -> Result<Connection, XmppError> {
     let plan = Plan::new(account)?;
     let mut progress = Progress::new();
     match tokio::time::timeout(account.timeout, plan.run(&mut progress)).await {
-        Ok(Ok((stream, jid, (mechanism, unbound)))) => Ok(Connection {
+        Ok(Ok((stream, jid, (mechanism, unbound), written))) => Ok(Connection {
             stream,
+            written,
             jid,
             mechanism,
             unbound,
@@ -190,10 +203,7 @@ impl<'a> Plan<'a> {
         })
     }
 
-    async fn run(
-        &self,
-        progress: &mut Progress,
-    ) -> Result<(Stream, FullJid, (&'static str, Option<&'static str>)), XmppError> {
+    async fn run(&self, progress: &mut Progress) -> Result<Bound, XmppError> {
         let domain = self.jid.domain().as_str();
         let header = || StreamHeader {
             to: Some(Cow::Borrowed(domain)),
@@ -202,6 +212,7 @@ impl<'a> Plan<'a> {
         };
 
         let tcp = self.connect(progress).await?;
+        let written = tcp.written();
 
         progress.enter(Phase::Stream);
         let stream = initiate_stream(
@@ -259,7 +270,7 @@ impl<'a> Plan<'a> {
             return Err(XmppError::Bind("server offers no resource binding".into()));
         }
         let jid = bind(&mut stream, &self.resource).await?;
-        Ok((stream, jid, mechanism))
+        Ok((stream, jid, mechanism, written))
     }
 
     async fn connect(&self, progress: &mut Progress) -> Result<QuickAckStream, XmppError> {

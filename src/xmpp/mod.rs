@@ -48,6 +48,10 @@ pub enum XmppEvent {
     Joined(String, crate::call::RealJids),
     /// Joining this room failed, for this reason.
     RoomFailed(String, String),
+    /// The link broke before the server was known to have these messages
+    /// (sent with [`Session::send_tagged`], with their tags, oldest
+    /// first); comes just before `Status(Failed)`. Only with a keepalive.
+    Unconfirmed(Vec<(u64, OutgoingMessage)>),
 }
 
 impl XmppEvent {
@@ -58,7 +62,7 @@ impl XmppEvent {
             XmppEvent::Message(m) => Some(Input::Message(m)),
             XmppEvent::Presence(p) => Some(Input::Presence(p)),
             XmppEvent::Roster(items) => Some(Input::Roster(items)),
-            XmppEvent::RosterUpdate(_) => None,
+            XmppEvent::RosterUpdate(_) | XmppEvent::Unconfirmed(_) => None,
             XmppEvent::Joined(room, jids) => Some(Input::Joined(room, jids)),
             XmppEvent::RoomFailed(room, cause) => Some(Input::RoomFailed(room, cause)),
         }
@@ -75,9 +79,14 @@ pub struct SessionOptions {
     /// Group chat rooms to join: (room bare JID, our nick).
     pub rooms: Vec<(String, String)>,
     /// Send a XEP-0199 ping this often and take the link as dead when
-    /// nothing at all came back within one more interval. `None`: only the
-    /// stream's own idle check (a ping after 60 s of silence, dead 20 s
-    /// later), enough for a per-call session.
+    /// nothing at all came back within one more interval, plus the time
+    /// the server needs to read what was queued ahead of the ping at the
+    /// slowest rate a stock server shapes a client to; or when a write
+    /// waits that long without the server reading a byte. Messages are
+    /// followed by a ping too, whose answer shows the server has them
+    /// ([`XmppEvent::Unconfirmed`]). `None`: only the stream's own idle
+    /// check (a ping after 60 s of silence, dead 20 s later), enough for a
+    /// per-call session.
     pub keepalive: Option<std::time::Duration>,
 }
 
@@ -127,7 +136,13 @@ impl Session {
     /// silently dropped if the session has ended (the shell has seen the
     /// `Failed` status by then).
     pub fn send(&self, msg: OutgoingMessage) {
-        let _ = self.cmds.send(session::Cmd::Send(msg));
+        self.send_tagged(msg, 0);
+    }
+
+    /// [`Session::send`], with a tag that [`XmppEvent::Unconfirmed`] gives
+    /// back if the link breaks before the server is known to have it.
+    pub fn send_tagged(&self, msg: OutgoingMessage, tag: u64) {
+        let _ = self.cmds.send(session::Cmd::Send(msg, tag));
     }
 
     /// Change our presence: available, with this status text.

@@ -1,10 +1,14 @@
 //! The session task: logs in once, then relays stanzas between the server
 //! and the shell until told to close or the link breaks.
 
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Sink, StreamExt};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_xmpp::Stanza;
 use tokio_xmpp::xmlstream::{FallibleStreamElement, ReadError, XmppStreamElement};
 use xmpp_parsers::{
@@ -34,7 +38,14 @@ use crate::config::Account;
 /// be gone within 100 ms of its end.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_millis(80);
 
-const PING_ID: &str = "popivr-ping";
+/// Our pings' ids: this, then a number.
+const PING_ID: &str = "popivr-ping-";
+
+/// The slowest a stock server reads a client: ejabberd's `normal` shaper
+/// (`c2s_shaper`) is 3,000 B/s in 23.01 and was 1,000 B/s before. A ping
+/// queued behind `n` bytes the server has not read may take `n / this`
+/// seconds more to be answered, and that is not a dead link.
+const SLOWEST_READ: f64 = 1000.0;
 const ROSTER_ID: &str = "popivr-roster";
 const ROOM_CONFIG_ID: &str = "popivr-room-config";
 /// XEP-0045 §10.1.2: accept the default configuration ("instant room").
@@ -64,7 +75,8 @@ impl Ctx<'_> {
 
 #[derive(Debug)]
 pub(crate) enum Cmd {
-    Send(OutgoingMessage),
+    /// A message, with the shell's tag for it.
+    Send(OutgoingMessage, u64),
     Presence(Option<String>),
     /// Our presence, with this call's announcement.
     Announce(Option<String>, Announcement),
@@ -77,6 +89,124 @@ enum End {
     Close,
     /// The link is gone: report it; nothing left to close.
     Failed(XmppError),
+}
+
+/// What the server has read of what we sent, learnt from our pings: the
+/// server answers a ping only after everything sent before it. With a
+/// keepalive the session keeps each message until a ping sent after it is
+/// answered, and keeps a ping out whenever a message waits for that.
+struct Outbox {
+    /// Bytes the kernel took from our socket so far.
+    written: Arc<AtomicU64>,
+    /// Keep messages until confirmed (and ping for it); with a keepalive.
+    track: bool,
+    /// Messages the server may not have: (number, tag, message).
+    unconfirmed: VecDeque<(u64, u64, OutgoingMessage)>,
+    next_msg: u64,
+    /// Pings not answered yet, oldest first.
+    pings: VecDeque<PingOut>,
+    next_ping: u64,
+    /// Socket offset the server has read up to (its last ping answer).
+    read_to: u64,
+    last_ping: Instant,
+}
+
+struct PingOut {
+    n: u64,
+    /// Messages numbered below this went before the ping.
+    msgs_before: u64,
+    /// Socket offset once the ping was written.
+    offset: u64,
+    at: Instant,
+}
+
+impl Outbox {
+    fn new(written: Arc<AtomicU64>, track: bool) -> Self {
+        Outbox {
+            read_to: written.load(Ordering::Relaxed),
+            written,
+            track,
+            unconfirmed: VecDeque::new(),
+            next_msg: 0,
+            pings: VecDeque::new(),
+            next_ping: 0,
+            last_ping: Instant::now(),
+        }
+    }
+
+    fn sent(&mut self, tag: u64, msg: OutgoingMessage) {
+        if self.track {
+            self.unconfirmed.push_back((self.next_msg, tag, msg));
+        }
+        self.next_msg += 1;
+    }
+
+    /// A ping is due to confirm messages: some wait and no ping is out.
+    fn wants_ping(&self) -> bool {
+        self.pings.is_empty() && !self.unconfirmed.is_empty()
+    }
+
+    async fn ping(&mut self, stream: &mut Stream, watch: Option<Duration>) -> Result<(), End> {
+        let n = self.next_ping;
+        self.next_ping += 1;
+        let ping = Iq::from_get(format!("{PING_ID}{n}"), Ping);
+        write(
+            stream,
+            &XmppStreamElement::Stanza(ping.into()),
+            watch,
+            &self.written,
+        )
+        .await
+        .map_err(lost)?;
+        let now = Instant::now();
+        self.pings.push_back(PingOut {
+            n,
+            msgs_before: self.next_msg,
+            offset: self.written.load(Ordering::Relaxed),
+            at: now,
+        });
+        self.last_ping = now;
+        Ok(())
+    }
+
+    /// The answer (result or error) to our ping `id`, if it is one.
+    fn answered(&mut self, id: &str) -> bool {
+        let Some(n) = id.strip_prefix(PING_ID).and_then(|n| n.parse::<u64>().ok()) else {
+            return false;
+        };
+        while let Some(p) = self.pings.front() {
+            if p.n > n {
+                break;
+            }
+            if p.n == n {
+                self.read_to = p.offset;
+                let before = p.msgs_before;
+                while self.unconfirmed.front().is_some_and(|(m, ..)| *m < before) {
+                    self.unconfirmed.pop_front();
+                }
+            }
+            self.pings.pop_front();
+        }
+        true
+    }
+
+    /// When to act next: check the oldest ping's answer, or send one.
+    fn deadline(&self, keepalive: Duration, last_heard: Instant) -> Instant {
+        match self.pings.front() {
+            Some(p) => {
+                let ahead = p.offset.saturating_sub(self.read_to) as f64;
+                last_heard.max(p.at) + keepalive + Duration::from_secs_f64(ahead / SLOWEST_READ)
+            }
+            None => self.last_ping + keepalive,
+        }
+    }
+
+    fn take(&mut self) -> Vec<(u64, OutgoingMessage)> {
+        self.unconfirmed
+            .drain(..)
+            .map(|(_, tag, m)| (tag, m))
+            .collect()
+    }
 }
 
 pub(crate) async fn run(
@@ -119,8 +249,12 @@ pub(crate) async fn run(
         log::debug!("xmpp: no channel binding: {why}");
     }
     let Connection {
-        mut stream, jid, ..
+        mut stream,
+        jid,
+        written,
+        ..
     } = conn;
+    let mut outbox = Outbox::new(written, options.keepalive.is_some());
 
     // The roster first, then the initial presence: the server answers
     // the roster before it sends the contacts' presence, so the call knows
@@ -167,7 +301,7 @@ pub(crate) async fn run(
         if end.is_some() {
             break;
         }
-        end = handle_cmd(&mut stream, cmd).await;
+        end = handle_cmd(&mut stream, cmd, &mut outbox, options.keepalive).await;
     }
     let end = match end {
         Some(end) => end,
@@ -177,13 +311,17 @@ pub(crate) async fn run(
                 own: jid.to_bare(),
                 options: &options,
             };
-            relay(&mut stream, &mut cmds, &events, &ctx).await
+            relay(&mut stream, &mut cmds, &events, &ctx, &mut outbox).await
         }
     };
     match end {
         End::Close => close(stream).await,
         End::Failed(e) => {
             log::debug!("xmpp: session as {jid} ended: {e}");
+            let unconfirmed = outbox.take();
+            if !unconfirmed.is_empty() {
+                let _ = events.send(XmppEvent::Unconfirmed(unconfirmed)).await;
+            }
             let _ = events
                 .send(XmppEvent::Status(XmppStatus::Failed(e.to_string())))
                 .await;
@@ -196,21 +334,17 @@ async fn relay(
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     events: &mpsc::Sender<XmppEvent>,
     ctx: &Ctx<'_>,
+    outbox: &mut Outbox,
 ) -> End {
-    // With a keepalive: a ping every interval, and the link is dead when a
-    // whole interval after a ping passed without a single element from
-    // the server (a frozen server or a silently dropped route never
-    // answers; the stream's own check would take 80 s).
+    // With a keepalive: a ping every interval, and the link is dead when
+    // nothing at all came from the server for an interval after a ping
+    // (a frozen server or a silently dropped route never answers; the
+    // stream's own check would take 80 s), plus the time a shaped server
+    // needs to read what we queued ahead of that ping (Outbox::deadline).
     let keepalive = ctx.options.keepalive;
-    let mut last_heard = tokio::time::Instant::now();
-    let mut pinged_at: Option<tokio::time::Instant> = None;
-    let next_tick = |pinged_at: Option<tokio::time::Instant>| match (keepalive, pinged_at) {
-        (None, _) => None,
-        (Some(k), None) => Some(tokio::time::Instant::now() + k),
-        (Some(k), Some(at)) => Some(at + k),
-    };
-    let mut tick_at = next_tick(None);
+    let mut last_heard = Instant::now();
     loop {
+        let tick_at = keepalive.map(|k| outbox.deadline(k, last_heard));
         let tick = async {
             match tick_at {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -219,33 +353,41 @@ async fn relay(
         };
         tokio::select! {
             () = tick => {
-                match pinged_at {
-                    Some(at) if last_heard < at => {
-                        return End::Failed(XmppError::Lost(format!(
-                            "no answer to a ping within {:?}",
-                            keepalive.unwrap_or_default()
-                        )));
-                    }
-                    _ => {}
+                if !outbox.pings.is_empty() {
+                    return End::Failed(XmppError::Lost(format!(
+                        "no answer to a ping within {:?}",
+                        Instant::now() - outbox.pings.front().map_or(last_heard, |p| p.at)
+                    )));
                 }
-                let ping = Iq::from_get(PING_ID, Ping);
-                if let Err(e) = send(stream, &XmppStreamElement::Stanza(ping.into()), Phase::Bind).await {
-                    return lost(e);
+                if let Err(end) = outbox.ping(stream, keepalive).await {
+                    return end;
                 }
-                let now = tokio::time::Instant::now();
-                pinged_at = Some(now);
-                tick_at = next_tick(Some(now));
             }
             cmd = cmds.recv() => {
                 let Some(cmd) = cmd else { return End::Close };
-                if let Some(end) = handle_cmd(stream, cmd).await {
+                if let Some(end) = handle_cmd(stream, cmd, outbox, keepalive).await {
+                    return end;
+                }
+                if outbox.wants_ping()
+                    && let Err(end) = outbox.ping(stream, keepalive).await
+                {
                     return end;
                 }
             }
             // Cancel-safe: a half-read element stays in the stream's state.
             item = stream.next() => {
-                last_heard = tokio::time::Instant::now();
+                last_heard = Instant::now();
                 let event = match item {
+                    Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(Stanza::Iq(
+                        Iq::Result { id, .. } | Iq::Error { id, .. },
+                    ))))) if outbox.answered(&id) => {
+                        if outbox.wants_ping()
+                            && let Err(end) = outbox.ping(stream, keepalive).await
+                        {
+                            return end;
+                        }
+                        None
+                    }
                     Some(Ok(FallibleStreamElement::Ok(el))) => match on_element(stream, el, ctx).await {
                         Ok(event) => event,
                         Err(end) => return end,
@@ -257,9 +399,8 @@ async fn relay(
                     }
                     Some(Err(ReadError::SoftTimeout)) => {
                         // Quiet for a while: prove the link is alive.
-                        let ping = Iq::from_get(PING_ID, Ping);
-                        if let Err(e) = send(stream, &XmppStreamElement::Stanza(ping.into()), Phase::Bind).await {
-                            return lost(e);
+                        if let Err(end) = outbox.ping(stream, keepalive).await {
+                            return end;
                         }
                         None
                     }
@@ -281,6 +422,54 @@ async fn relay(
             }
         }
     }
+}
+
+/// Write one element. With `watch` (the keepalive), a write that waits
+/// for room in the socket fails once the server has read nothing of our
+/// stream for that long: a shaped server reads slowly, a frozen one not
+/// at all.
+async fn write(
+    stream: &mut Stream,
+    el: &XmppStreamElement,
+    watch: Option<Duration>,
+    written: &AtomicU64,
+) -> Result<(), XmppError> {
+    let Some(patience) = watch else {
+        return send(stream, el, Phase::Bind).await;
+    };
+    let io = |e: std::io::Error| XmppError::Lost(io_reason(&e));
+    let stalled = || XmppError::Lost(format!("the server read nothing for {patience:?}"));
+    let mut seen = written.load(Ordering::Relaxed);
+    // The element goes into the stream's buffer once there is room…
+    loop {
+        let ready = std::future::poll_fn(|cx| {
+            <Stream as Sink<&XmppStreamElement>>::poll_ready(std::pin::Pin::new(stream), cx)
+        });
+        match tokio::time::timeout(patience, ready).await {
+            Ok(result) => break result.map_err(io)?,
+            Err(_) => seen = progress(written, seen).ok_or_else(stalled)?,
+        }
+    }
+    std::pin::Pin::new(&mut *stream)
+        .start_send(el)
+        .map_err(io)?;
+    // …and from there to the socket. A timed-out flush leaves the rest in
+    // the buffer for the next one.
+    loop {
+        let flush = std::future::poll_fn(|cx| {
+            <Stream as Sink<&XmppStreamElement>>::poll_flush(std::pin::Pin::new(stream), cx)
+        });
+        match tokio::time::timeout(patience, flush).await {
+            Ok(result) => return result.map_err(io),
+            Err(_) => seen = progress(written, seen).ok_or_else(stalled)?,
+        }
+    }
+}
+
+/// The new count of written bytes if it moved since `seen`.
+fn progress(written: &AtomicU64, seen: u64) -> Option<u64> {
+    let now = written.load(Ordering::Relaxed);
+    (now != seen).then_some(now)
 }
 
 /// React to one element from the server; maybe produce an event.
@@ -455,11 +644,19 @@ async fn answer_iq(stream: &mut Stream, iq: Iq) -> Result<(), XmppError> {
     .await
 }
 
-async fn handle_cmd(stream: &mut Stream, cmd: Cmd) -> Option<End> {
+async fn handle_cmd(
+    stream: &mut Stream,
+    cmd: Cmd,
+    outbox: &mut Outbox,
+    watch: Option<Duration>,
+) -> Option<End> {
     let stanza: Stanza = match cmd {
         Cmd::Close => return Some(End::Close),
-        Cmd::Send(m) => match outgoing_message(&m) {
-            Ok(msg) => msg.into(),
+        Cmd::Send(m, tag) => match outgoing_message(&m) {
+            Ok(msg) => {
+                outbox.sent(tag, m);
+                msg.into()
+            }
             Err(e) => {
                 // The recipient comes from config; a bad one is a config
                 // problem for that message, not a reason to drop the link.
@@ -470,10 +667,15 @@ async fn handle_cmd(stream: &mut Stream, cmd: Cmd) -> Option<End> {
         Cmd::Presence(status) => own_presence(status.as_deref()).into(),
         Cmd::Announce(status, a) => announcing_presence(status.as_deref(), &a).into(),
     };
-    send(stream, &XmppStreamElement::Stanza(stanza), Phase::Bind)
-        .await
-        .err()
-        .map(lost)
+    write(
+        stream,
+        &XmppStreamElement::Stanza(stanza),
+        watch,
+        &outbox.written,
+    )
+    .await
+    .err()
+    .map(lost)
 }
 
 /// A write failed after login: the link is lost, whatever phase the

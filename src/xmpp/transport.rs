@@ -13,9 +13,15 @@
 //!
 //! Our own writes are whole elements followed by a wait for the answer, so
 //! the socket also gets `TCP_NODELAY`.
+//!
+//! It also counts the bytes the kernel took from us: while a write waits
+//! for room in a full socket buffer, that count moves only as fast as the
+//! server reads, so the session can tell a slow server from a dead one.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -23,12 +29,23 @@ use tokio::net::TcpStream;
 
 /// A TCP stream that never delays its ACKs or its writes.
 #[derive(Debug)]
-pub(crate) struct QuickAckStream(TcpStream);
+pub(crate) struct QuickAckStream(TcpStream, Arc<AtomicU64>);
 
 impl QuickAckStream {
     pub(crate) fn new(tcp: TcpStream) -> io::Result<Self> {
         tcp.set_nodelay(true)?;
-        Ok(QuickAckStream(tcp))
+        Ok(QuickAckStream(tcp, Arc::default()))
+    }
+
+    /// The count of bytes written to the socket so far, kept up to date.
+    pub(crate) fn written(&self) -> Arc<AtomicU64> {
+        self.1.clone()
+    }
+
+    fn count(&self, result: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = result {
+            self.1.fetch_add(*n as u64, Ordering::Relaxed);
+        }
     }
 
     fn ack_now(&self) {
@@ -61,7 +78,9 @@ impl AsyncWrite for QuickAckStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        let result = Pin::new(&mut self.0).poll_write(cx, buf);
+        self.count(&result);
+        result
     }
 
     fn poll_write_vectored(
@@ -69,7 +88,9 @@ impl AsyncWrite for QuickAckStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.0).poll_write_vectored(cx, bufs);
+        self.count(&result);
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
