@@ -17,6 +17,14 @@
 //!    RSS idle and with every call open, and the difference per call;
 //!    then the agents answer every call at once: reply → `E,` p50/p99.
 //!
+//! `SERVE_SERVER=ejabberd` runs it against a stock ejabberd instead of
+//! prosody (its `c2s_shaper` reads popivr's one session at 3,000 B/s after
+//! a 20 kB burst), `SERVE_SHAPER=off` with that shaper off for every
+//! account. A burst of 500 calls on the stock ejabberd:
+//!
+//!     SERVE_SERVER=ejabberd SERVE_SEQ=3 SERVE_N=500 SERVE_RATE=1000 \
+//!         cargo bench --bench serve
+//!
 //! Nothing fails on a time; medians and percentiles are printed. Without
 //! `--bench` (`cargo test --all-targets`) it does nothing: benchmarks are
 //! not tests (`cargo bench --bench suite` runs serve beside everything
@@ -31,6 +39,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use popivr::testbed::{Ejabberd, Server};
 use support::{Prosody, TestAgent, body};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -64,19 +73,16 @@ fn main() {
     let scale = if full { knob("SERVE_N", 1000) } else { 20 };
     let rate = knob("SERVE_RATE", 250).max(1);
 
-    let mut builder = Prosody::builder().user("pbx", PBX_PW);
-    for i in 0..AGENTS {
-        builder = builder.user(&format!("agent{i}"), AGENT_PW);
-    }
-    let server = builder.start();
+    let server = start_server();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("popivr.conf");
-    std::fs::write(&config, config_text(&server)).unwrap();
+    std::fs::write(&config, config_text(server.as_ref())).unwrap();
     let mut daemon = Daemon::start(&config, scale + 50);
     println!(
-        "serve bench: {} on {}, prosody on {}, {AGENTS} agents",
+        "serve bench: {} on {}, {} on {}, {AGENTS} agents",
         daemon.bin.display(),
         daemon.addr,
+        server.name(),
         server.addr()
     );
 
@@ -90,7 +96,7 @@ fn main() {
     }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
-        let server = &server;
+        let server = server.as_ref();
         scope.spawn(move || agents_main(server, cmd_rxs, pops_tx, ready_tx));
         ready_rx.recv_timeout(WAIT).expect("agents logged in");
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -111,7 +117,32 @@ fn main() {
     });
 }
 
-fn config_text(server: &Prosody) -> String {
+/// prosody, or with `SERVE_SERVER=ejabberd` a stock ejabberd (its shaper
+/// off for everyone with `SERVE_SHAPER=off`), with pbx and the agents.
+fn start_server() -> Box<dyn Server + Sync> {
+    let agents = (0..AGENTS).map(|i| format!("agent{i}"));
+    if std::env::var("SERVE_SERVER").as_deref() == Ok("ejabberd") {
+        let mut builder = Ejabberd::builder().user("pbx", PBX_PW);
+        for a in agents {
+            builder = builder.user(&a, AGENT_PW);
+        }
+        if std::env::var("SERVE_SHAPER").as_deref() == Ok("off") {
+            // Debian's shaper_rules with `c2s_shaper: none` for all.
+            builder = builder.config_line(
+                "shaper_rules:\n  max_user_sessions: 10\n  max_user_offline_messages:\n    \
+                 5000: admin\n    100: all\n  c2s_shaper: none\n  s2s_shaper: fast",
+            );
+        }
+        return Box::new(builder.start());
+    }
+    let mut builder = Prosody::builder().user("pbx", PBX_PW);
+    for a in agents {
+        builder = builder.user(&a, AGENT_PW);
+    }
+    Box::new(builder.start())
+}
+
+fn config_text(server: &dyn Server) -> String {
     let mut text = format!(
         "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {}\nusername = {}\n\
          secret = {PBX_PW}\nca_file = {}\n\n",
@@ -215,7 +246,7 @@ struct Reply(String, oneshot::Sender<Instant>);
 /// polled from the thread that sends on it): every pop is timed when the
 /// client yields it, and replies are sent on demand.
 fn agents_main(
-    server: &Prosody,
+    server: &(dyn Server + Sync),
     cmds: Vec<mpsc::UnboundedReceiver<Reply>>,
     pops: mpsc::UnboundedSender<Pop>,
     ready: std::sync::mpsc::Sender<()>,

@@ -29,6 +29,10 @@ use crate::xmpp;
 /// far behind, which never lasts: the call itself never waits for a write.
 const EVENT_QUEUE: usize = 32;
 
+/// Once Asterisk's side is closed, how long the events it sent before
+/// closing may take to come through the reader.
+const LAST_WORDS: Duration = Duration::from_millis(200);
+
 /// A command write that takes longer means Asterisk stopped reading: the
 /// call is over. Asterisk reads between audio frames, so a healthy channel
 /// never comes near this.
@@ -209,6 +213,17 @@ where
         tokio::select! {
             biased;
             why = out.stopped() => {
+                // Asterisk may have answered the call's last command and
+                // closed before a wake-up line of the writer's met the
+                // closed socket: what it said before closing still counts.
+                let deadline = Instant::now() + LAST_WORDS;
+                while let Ok(Some(event)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                    let outputs = call.handle(event);
+                    let _ = shell.apply(&call, outputs, &out);
+                    if call.is_done() {
+                        break 'call End::Done;
+                    }
+                }
                 shell.log.info(&format!("Asterisk's side is closed ({why}); ending the call"));
                 break 'call End::Unwritable;
             }

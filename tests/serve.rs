@@ -875,10 +875,17 @@ async fn calls_ride_out_an_xmpp_server_restart() {
     alice.send_chat(&pbx, &format!("#{thread} 2")).await;
     expect_action(&mut across, "sales").await;
 
-    // Pops work again.
+    // Pops work again. (The first pop may come twice: it reached the
+    // server, but when the server stopped before answering the ping after
+    // it, the daemon sent it again on the new link.)
     let mut after = Sim::start(daemon.call("pop,n=3")).unwrap();
     expect_start(&mut after).await;
-    let (n, _) = next_pop(&mut alice).await;
+    let n = loop {
+        match next_pop(&mut alice).await {
+            (1, _) => continue,
+            (n, _) => break n,
+        }
+    };
     assert_eq!(n, 3);
     alice.send_chat(&pbx, "1").await;
     expect_action(&mut after, "desk").await;

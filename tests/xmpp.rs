@@ -101,7 +101,7 @@ async fn next_message(session: &mut Session) -> IncomingMessage {
     loop {
         match timeout(WAIT, session.recv()).await {
             Ok(Some(XmppEvent::Message(m))) => return m,
-            Ok(Some(XmppEvent::Presence(_))) => continue,
+            Ok(Some(XmppEvent::Presence(_) | XmppEvent::Settled(_))) => continue,
             other => panic!("expected a message, got {other:?}"),
         }
     }
@@ -114,7 +114,7 @@ async fn next_presence(session: &mut Session, from_bare: &str) -> IncomingPresen
         match timeout(WAIT, session.recv()).await {
             Ok(Some(XmppEvent::Presence(p))) if p.from_bare == from_bare => return p,
             Ok(Some(XmppEvent::Presence(_))) => continue,
-            Ok(Some(XmppEvent::Message(_))) => continue,
+            Ok(Some(XmppEvent::Message(_) | XmppEvent::Settled(_))) => continue,
             other => panic!("expected a presence, got {other:?}"),
         }
     }
@@ -731,6 +731,46 @@ async fn a_keepalive_notices_a_server_that_stopped_answering() {
     assert!(cause.contains("no answer to a ping"), "{cause}");
 }
 
+on_both! {
+    /// The server answers the ping that follows the login's presence only
+    /// once it has handled that presence: `Settled` comes after the
+    /// roster, and on prosody after the presence of every online contact
+    /// (it answers probes for its own users at once). The call core waits
+    /// for it before anyone counts as unavailable, so a busy server is not
+    /// taken for a team that is away.
+    async fn the_login_settles_after_the_roster_and_on_prosody_the_contacts(server) {
+        let mut alice = TestAgent::login(server, "alice", ALICE_PW).await;
+        alice.subscribe_popivr(server, PBX_PW).await;
+        let options = xmpp::SessionOptions {
+            contacts: vec![alice.bare()],
+            ..Default::default()
+        };
+        let mut session = xmpp::spawn(server.account("pbx", PBX_PW), options);
+        let mut seen = Vec::new();
+        loop {
+            match timeout(WAIT, session.recv()).await {
+                Ok(Some(XmppEvent::Status(XmppStatus::Online))) => seen.push("online"),
+                Ok(Some(XmppEvent::Roster(_))) => seen.push("roster"),
+                Ok(Some(XmppEvent::Presence(p))) if p.from_bare == alice.bare() => {
+                    seen.push("alice")
+                }
+                Ok(Some(XmppEvent::Settled(_))) => {
+                    seen.push("settled");
+                    break;
+                }
+                Ok(Some(_)) => {}
+                other => panic!("{}: no Settled: {other:?} after {seen:?}", server.name()),
+            }
+        }
+        let at = |what| seen.iter().position(|s| *s == what);
+        assert!(at("roster") < at("settled"), "{seen:?}");
+        if server.name() == "prosody" {
+            assert_eq!(seen, ["online", "roster", "alice", "settled"]);
+        }
+        session.close().await;
+    }
+}
+
 /// Stock ejabberd reads a client at 3,000 B/s after a 20 kB burst
 /// (`c2s_shaper: normal`). A burst of pops queues a keepalive ping behind
 /// tens of kB the server has not read, so its answer comes seconds late:
@@ -784,13 +824,17 @@ on_both! {
     async fn a_broken_link_hands_back_what_the_server_may_not_have(server) {
         let mut alice = TestAgent::login(server, "alice", ALICE_PW).await;
         let mut session = online_with_keepalive(server).await;
-        session.send_tagged(OutgoingMessage::chat(alice.bare(), "had", None), 5);
+        session
+            .send_tagged(OutgoingMessage::chat(alice.bare(), "had", None), 5)
+            .unwrap();
         alice.expect_message(|m| body(m) == Some("had")).await;
         // The ping after it is answered within a round trip.
         tokio::time::sleep(Duration::from_millis(200)).await;
         server.freeze();
         for (tag, text) in [(7, "lost 1"), (8, "lost 2")] {
-            session.send_tagged(OutgoingMessage::chat(alice.bare(), text, None), tag);
+            session
+                .send_tagged(OutgoingMessage::chat(alice.bare(), text, None), tag)
+                .unwrap();
         }
         let unconfirmed = loop {
             match timeout(WAIT, session.recv()).await {

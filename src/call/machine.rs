@@ -178,6 +178,11 @@ pub struct Call {
     /// The presence window is over (all subscribed targets heard, or the
     /// `Presence` timer fired).
     presence_ready: bool,
+    /// The server has handled our initial presence, this long after it
+    /// went out (`Input::Settled`).
+    settled: Option<Duration>,
+    /// The presence window ran out before the server had settled.
+    window_over: bool,
     room: RoomState,
     /// Room occupants by nick: their real bare JID when the room shows it.
     occupants: BTreeMap<String, Option<String>>,
@@ -220,6 +225,8 @@ impl Call {
             roster: None,
             presence: BTreeMap::new(),
             presence_ready: false,
+            settled: None,
+            window_over: false,
             room,
             occupants: BTreeMap::new(),
             outcome: None,
@@ -316,6 +323,7 @@ impl Call {
             Input::Message(msg) => self.on_message(msg, &mut out),
             Input::Presence(p) => self.on_presence(p, &mut out),
             Input::Roster(items) => self.on_roster(&items, &mut out),
+            Input::Settled(took) => self.on_settled(took, &mut out),
             Input::Joined(room, jids) => {
                 self.warn_if_room_hides_jids(&room, jids, &mut out);
                 self.on_room(&room, None, &mut out)
@@ -544,7 +552,7 @@ impl Call {
                     out,
                     Level::Warn,
                     format!(
-                        "no presence subscription to {} (asked; until they accept, they count                          as offline; `popivr check` shows the roster)",
+                        "no presence subscription to {} (asked; until they accept, they count as offline; `popivr check` shows the roster)",
                         missing.join(", ")
                     ),
                 );
@@ -604,6 +612,20 @@ impl Call {
                 format!("pop sent to {to} (now available)"),
             );
             self.popped.push(to);
+        }
+    }
+
+    /// The server has handled our initial presence, `took` after it went
+    /// out. If the presence window is already over, the targets the server
+    /// asks in turn get as long again to answer.
+    fn on_settled(&mut self, took: Duration, out: &mut Vec<Output>) {
+        self.settled = Some(took);
+        if self.presence_ready {
+            return;
+        }
+        self.check_presence_ready(out);
+        if !self.presence_ready && self.window_over {
+            out.push(Output::SetTimer(TimerId::Presence, took));
         }
     }
 
@@ -1045,6 +1067,21 @@ impl Call {
             }
             TimerId::Prompt if matches!(self.phase, Phase::Prompting { .. }) => self.leave(out),
             TimerId::Presence if !self.presence_ready => {
+                if self.needs_presence() && self.settled.is_none() && self.link == Link::Online {
+                    // A busy server (a burst of logins) has not even
+                    // handled our presence yet: nobody's absence is known.
+                    // Wait for it (the reply timeout still bounds the call).
+                    if !self.window_over {
+                        log(
+                            out,
+                            Level::Info,
+                            "the XMPP server is slow to answer: waiting for it before deciding who is available"
+                                .into(),
+                        );
+                    }
+                    self.window_over = true;
+                    return;
+                }
                 if self.room == RoomState::Joining {
                     log(
                         out,

@@ -207,6 +207,9 @@ pub enum Input {
     Joined(String, RealJids),
     /// Joining this room failed, for this reason.
     RoomFailed(String, String),
+    /// The server has handled our login's presence and joins, this long
+    /// after they were sent (`XmppEvent::Settled`).
+    Settled(std::time::Duration),
     Timer(TimerId),
     /// Asterisk closed our input (EOF) or output: nothing more can be said.
     Closed,

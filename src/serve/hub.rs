@@ -229,6 +229,8 @@ struct Seen {
     presence: BTreeMap<String, BTreeMap<String, IncomingPresence>>,
     /// Rooms joined (`None`) or not (`Some(cause)`).
     rooms: BTreeMap<String, Result<crate::call::RealJids, String>>,
+    /// The server had handled the login's presence, this long after.
+    settled: Option<Duration>,
 }
 
 impl Seen {
@@ -270,6 +272,7 @@ impl Seen {
                 Err(cause) => Input::RoomFailed(room.clone(), cause.clone()),
             });
         }
+        out.extend(self.settled.map(Input::Settled));
         out
     }
 }
@@ -325,7 +328,12 @@ impl State {
                     None => Tag::new(n, false, true),
                 };
                 match (&self.session, &self.link) {
-                    (Some(session), LinkState::Up) => session.send_tagged(msg, tag.0),
+                    (Some(session), LinkState::Up) => {
+                        // The session just ended: its failure is on its way.
+                        if let Err(msg) = session.send_tagged(msg, tag.0) {
+                            self.unsent.push((tag.0, msg));
+                        }
+                    }
                     _ => self.log.warn(&format!(
                         "popivr[{}]: IM to {} not sent: the XMPP link is down",
                         self.router.id(n),
@@ -377,7 +385,12 @@ impl State {
                 self.broadcast_status(XmppStatus::Online);
                 self.send_again();
             }
-            XmppEvent::Unconfirmed(messages) => self.unsent.extend(messages),
+            // Older than any message the ended session refused since.
+            XmppEvent::Unconfirmed(messages) => drop(self.unsent.splice(0..0, messages)),
+            XmppEvent::Settled(took) => {
+                self.seen.settled = Some(took);
+                self.broadcast(XmppEvent::Settled(took));
+            }
             XmppEvent::Status(XmppStatus::Failed(cause)) => self.lost(cause),
             XmppEvent::Message(msg) => match self.router.route(msg) {
                 Route::Deliver(n, msg) => match self.calls.get(&n) {
@@ -454,7 +467,9 @@ impl State {
         ));
         if let Some(session) = &self.session {
             for (tag, msg) in again {
-                session.send_tagged(msg, tag);
+                if let Err(msg) = session.send_tagged(msg, tag) {
+                    self.unsent.push((tag, msg));
+                }
             }
         }
     }

@@ -74,8 +74,26 @@ impl ServerBase {
     }
 
     /// Freeze the server (SIGSTOP): TCP still connects, nothing answers.
+    /// Returns once the server is stopped: a signal takes effect when its
+    /// process is next scheduled, on a loaded machine milliseconds later
+    /// (long enough to answer a stanza sent after this call).
     pub fn freeze(&self) {
         self.signal(libc::SIGSTOP);
+        let Some(pid) = self.pid() else { return };
+        let stopped = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The state follows the parenthesised command name.
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().next().map(|s| s == "T" || s == "t")
+                })
+                .unwrap_or(true)
+        };
+        let t0 = std::time::Instant::now();
+        while !stopped() && t0.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Undo [`freeze`](Self::freeze).

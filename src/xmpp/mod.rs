@@ -48,6 +48,13 @@ pub enum XmppEvent {
     Joined(String, crate::call::RealJids),
     /// Joining this room failed, for this reason.
     RoomFailed(String, String),
+    /// (Only with contacts or rooms.) The server has handled our initial
+    /// presence and room joins, this
+    /// long after they went out: the contacts' presence it sends at once
+    /// (prosody, for its own users) has come; a server that asks each
+    /// contact in turn (ejabberd) may still be answering. How long it took
+    /// is how busy the server is.
+    Settled(std::time::Duration),
     /// The link broke before the server was known to have these messages
     /// (sent with [`Session::send_tagged`], with their tags, oldest
     /// first); comes just before `Status(Failed)`. Only with a keepalive.
@@ -62,6 +69,7 @@ impl XmppEvent {
             XmppEvent::Message(m) => Some(Input::Message(m)),
             XmppEvent::Presence(p) => Some(Input::Presence(p)),
             XmppEvent::Roster(items) => Some(Input::Roster(items)),
+            XmppEvent::Settled(took) => Some(Input::Settled(took)),
             XmppEvent::RosterUpdate(_) | XmppEvent::Unconfirmed(_) => None,
             XmppEvent::Joined(room, jids) => Some(Input::Joined(room, jids)),
             XmppEvent::RoomFailed(room, cause) => Some(Input::RoomFailed(room, cause)),
@@ -136,13 +144,18 @@ impl Session {
     /// silently dropped if the session has ended (the shell has seen the
     /// `Failed` status by then).
     pub fn send(&self, msg: OutgoingMessage) {
-        self.send_tagged(msg, 0);
+        let _ = self.send_tagged(msg, 0);
     }
 
     /// [`Session::send`], with a tag that [`XmppEvent::Unconfirmed`] gives
     /// back if the link breaks before the server is known to have it.
-    pub fn send_tagged(&self, msg: OutgoingMessage, tag: u64) {
-        let _ = self.cmds.send(session::Cmd::Send(msg, tag));
+    /// Gives the message back if the session has ended.
+    pub fn send_tagged(&self, msg: OutgoingMessage, tag: u64) -> Result<(), OutgoingMessage> {
+        match self.cmds.send(session::Cmd::Send(msg, tag)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(session::Cmd::Send(msg, _))) => Err(msg),
+            Err(_) => unreachable!("a message was sent"),
+        }
     }
 
     /// Change our presence: available, with this status text.

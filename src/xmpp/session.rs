@@ -47,6 +47,9 @@ const PING_ID: &str = "popivr-ping-";
 /// seconds more to be answered, and that is not a dead link.
 const SLOWEST_READ: f64 = 1000.0;
 const ROSTER_ID: &str = "popivr-roster";
+/// The ping after our initial presence (and room joins): the server
+/// answers it once it has handled them (XmppEvent::Settled).
+const SETTLE_ID: &str = "popivr-settle";
 const ROOM_CONFIG_ID: &str = "popivr-room-config";
 /// XEP-0045 §10.1.2: accept the default configuration ("instant room").
 const INSTANT_ROOM: &str = "<query xmlns='http://jabber.org/protocol/muc#owner'>\
@@ -57,6 +60,8 @@ struct Ctx<'a> {
     me: &'a FullJid,
     own: BareJid,
     options: &'a SessionOptions,
+    /// When the first stanzas (roster, presence, joins) went out.
+    online_at: Instant,
 }
 
 impl Ctx<'_> {
@@ -282,6 +287,10 @@ pub(crate) async fn run(
             Err(e) => log::warn!("xmpp: cannot join: {e}"),
         }
     }
+    if !options.contacts.is_empty() || !options.rooms.is_empty() {
+        first.push(Iq::from_get(SETTLE_ID, Ping).into());
+    }
+    let online_at = Instant::now();
     let mut end = None;
     for stanza in first {
         if let Err(e) = send(&mut stream, &XmppStreamElement::Stanza(stanza), Phase::Bind).await {
@@ -310,6 +319,7 @@ pub(crate) async fn run(
                 me: &jid,
                 own: jid.to_bare(),
                 options: &options,
+                online_at,
             };
             relay(&mut stream, &mut cmds, &events, &ctx, &mut outbox).await
         }
@@ -318,7 +328,15 @@ pub(crate) async fn run(
         End::Close => close(stream).await,
         End::Failed(e) => {
             log::debug!("xmpp: session as {jid} ended: {e}");
-            let unconfirmed = outbox.take();
+            let mut unconfirmed = outbox.take();
+            // Messages still queued for the session never went out at all;
+            // one sent from now on is refused (Session::send_tagged).
+            cmds.close();
+            while let Ok(cmd) = cmds.try_recv() {
+                if let (Cmd::Send(m, tag), true) = (cmd, outbox.track) {
+                    unconfirmed.push((tag, m));
+                }
+            }
             if !unconfirmed.is_empty() {
                 let _ = events.send(XmppEvent::Unconfirmed(unconfirmed)).await;
             }
@@ -489,6 +507,13 @@ async fn on_element(
             Ok(None)
         }
         XmppStreamElement::Stanza(Stanza::Presence(p)) => on_presence(stream, p, ctx).await,
+        // Answered (or refused: a server without XEP-0199) only after
+        // our initial presence was handled.
+        XmppStreamElement::Stanza(Stanza::Iq(Iq::Result { id, .. } | Iq::Error { id, .. }))
+            if id == SETTLE_ID =>
+        {
+            Ok(Some(XmppEvent::Settled(ctx.online_at.elapsed())))
+        }
         XmppStreamElement::Stanza(Stanza::Iq(Iq::Result {
             id,
             payload: Some(payload),
