@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use popivr::sim::{EndReason, Next, Sim, SimConfig};
 use popivr::testbed::{Ejabberd, Server};
-use support::{Prosody, TestAgent, TestMessage, body};
+use support::{Prosody, Start, TestAgent, TestMessage, account_section, body};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xmpp_parsers::message::Message;
 
@@ -414,13 +414,7 @@ const AGENT_PW: &str = "agent-secret-1";
 
 /// The account, then the profiles.
 fn xmpp_config(server: &dyn Server, profiles: &str) -> String {
-    format!(
-        "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {}\nusername = {}\n\
-         secret = {PBX_PW}\nca_file = {}\n\n{profiles}",
-        server.port(),
-        server.jid("pbx"),
-        server.ca_pem().display()
-    )
+    account_section(server, "pbx", PBX_PW) + profiles
 }
 
 /// A profile popping `target` with the call's `n` argument in the text,
@@ -435,12 +429,11 @@ fn pop_profile(name: &str, target: &str, timeout_secs: u32) -> String {
     )
 }
 
-fn server_with(agents: &[&str]) -> Prosody {
-    let mut builder = Prosody::builder().user("pbx", PBX_PW);
-    for a in agents {
-        builder = builder.user(a, AGENT_PW);
-    }
-    builder.start()
+fn server_with<S: Start>(agents: &[&str]) -> S {
+    let users: Vec<(&str, &str)> = std::iter::once(("pbx", PBX_PW))
+        .chain(agents.iter().map(|a| (*a, AGENT_PW)))
+        .collect();
+    S::start_with(&users)
 }
 
 /// `name` at their desk. Pops go to available agents only, so they
@@ -492,14 +485,8 @@ enum On {
 /// A throw-away server of kind `on` with popivr's account and `agents`.
 fn server_on(on: On, agents: &[&str]) -> Box<dyn Server> {
     match on {
-        On::Prosody => Box::new(server_with(agents)),
-        On::Ejabberd => {
-            let mut builder = Ejabberd::builder().user("pbx", PBX_PW);
-            for a in agents {
-                builder = builder.user(a, AGENT_PW);
-            }
-            Box::new(builder.start())
-        }
+        On::Prosody => Box::new(server_with::<Prosody>(agents)),
+        On::Ejabberd => Box::new(server_with::<Ejabberd>(agents)),
     }
 }
 
@@ -758,7 +745,7 @@ async fn fifty_concurrent_calls_get_their_own_replies() {
     const CALLS: u32 = 50;
     let names: Vec<String> = (0..AGENTS).map(|i| format!("agent{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let server = server_with(&refs);
+    let server = server_with::<Prosody>(&refs);
     let dir = tempfile::tempdir().unwrap();
     let profiles: String = names
         .iter()
@@ -832,7 +819,7 @@ async fn fifty_concurrent_calls_get_their_own_replies() {
 
 #[tokio::test]
 async fn calls_ride_out_an_xmpp_server_restart() {
-    let mut server = server_with(&["alice"]);
+    let mut server = server_with::<Prosody>(&["alice"]);
     let dir = tempfile::tempdir().unwrap();
     let profiles = format!(
         "{}{}",
@@ -932,7 +919,7 @@ async fn a_pop_the_server_never_read_is_sent_again_after_a_reconnect() {
 /// its presence window and then find nobody available.
 #[tokio::test]
 async fn late_calls_know_the_agents_presence_at_once() {
-    let server = server_with(&["alice"]);
+    let server = server_with::<Prosody>(&["alice"]);
     let dir = tempfile::tempdir().unwrap();
     let profile = format!(
         "[avail]\ntype = profile\naccount = pbx\ntargets = {}\nhold = moh/a\n\

@@ -204,3 +204,27 @@ impl Drop for Daemon {
         let _ = self.0.wait();
     }
 }
+
+/// One `#[tokio::test]` for each line `name: Server => scenario(args);`,
+/// running `scenario::<Server>(args)`: the real-Asterisk suites run each
+/// scenario on prosody and on a stock ejabberd (names ending
+/// `_on_ejabberd`), and the test names stay plain to grep for.
+macro_rules! tests_on {
+    ($($name:ident: $server:ty => $scenario:ident($($arg:expr),*);)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            $scenario::<$server>($($arg),*).await;
+        }
+    )*};
+}
+pub(crate) use tests_on;
+
+/// For a failing test's output: the last `n` lines of `log` (what
+/// `name` said) on stderr.
+pub fn print_tail(name: &str, log: &str, n: usize) {
+    let tail: Vec<&str> = log.lines().rev().take(n).collect();
+    eprintln!("--- {name} log, last lines ---");
+    for line in tail.iter().rev() {
+        eprintln!("{line}");
+    }
+}

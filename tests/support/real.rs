@@ -11,7 +11,7 @@ use popivr::call::{OutgoingMessage, XmppStatus};
 use popivr::testbed::{Event, event_time};
 use popivr::xmpp::XmppEvent;
 
-use super::{Prosody, WAIT};
+use super::{Prosody, WAIT, account_section};
 
 /// The hold file of [`sales_conf`]'s profile.
 pub const HOLD: &str = "custom/hold";
@@ -22,14 +22,10 @@ pub const HOLD: &str = "custom/hold";
 /// adds profile lines.
 pub fn sales_conf(xmpp: &Prosody, pbx_pw: &str, extra: &str) -> String {
     format!(
-        "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {port}\nusername = {pbx}\n\
-         secret = {pbx_pw}\nca_file = {ca}\n\n\
-         [sales]\ntype = profile\naccount = pbx\ntargets = {alice}\nhold = {HOLD}\n\
+        "{account}[sales]\ntype = profile\naccount = pbx\ntargets = {alice}\nhold = {HOLD}\n\
          template = Call from $caller_name$ <$caller$> to $number$. Reply 1 desk\n\
          reply = 1 -> continue desk\ntimeout = 90\ndefault = continue voicemail\n{extra}",
-        port = xmpp.port(),
-        pbx = xmpp.jid("pbx"),
-        ca = xmpp.ca_pem().display(),
+        account = account_section(xmpp, "pbx", pbx_pw),
         alice = xmpp.jid("alice"),
     )
 }
