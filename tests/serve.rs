@@ -883,7 +883,7 @@ async fn calls_ride_out_an_xmpp_server_restart() {
 /// the agent gets it, and their answer still steers the call.
 #[tokio::test]
 async fn a_pop_the_server_never_read_is_sent_again_after_a_reconnect() {
-    let mut server = server_with(&["alice"]);
+    let mut server = server_with::<Prosody>(&["alice"]);
     let dir = tempfile::tempdir().unwrap();
     let profiles = pop_profile("pop", &server.jid("alice"), 600);
     let daemon = Daemon::start(
