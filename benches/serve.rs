@@ -51,7 +51,7 @@ const AGENT_PW: &str = "serve-bench-agent";
 const AGENTS: usize = 10;
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The caller, as every `CALLERID(num)` read answers (other reads are empty).
+/// The caller, as every `POPIVR_CALLER_NUM` read answers (other reads are empty).
 const CALLER: &str = "5551234";
 
 fn knob(name: &str, default: usize) -> usize {
@@ -336,7 +336,11 @@ async fn fake_asterisk(addr: String, n: usize, started: oneshot::Sender<Start>) 
             }
             Some(b'G') => {
                 let name = line.get(2..).unwrap_or_default();
-                let value = if name == "CALLERID(num)" { CALLER } else { "" };
+                let value = if name == "POPIVR_CALLER_NUM" {
+                    CALLER
+                } else {
+                    ""
+                };
                 let answer = format!("G,{ts},{name}={value}\n");
                 wr.write_all(answer.as_bytes()).await.ok()?;
             }

@@ -205,6 +205,28 @@ pub struct Burst {
     /// Killed after not leaving on EOF, or a failed exit status.
     pub bad_exits: usize,
     pub wall: Duration,
+    /// Why the calls without a pop had none: what they logged, by kind.
+    pub why_missing: std::collections::BTreeMap<String, usize>,
+}
+
+/// What a call that never popped said about it: its first error or
+/// "nobody available" line, without ids and numbers.
+fn why_no_pop(stderr: &str) -> String {
+    let line = stderr
+        .split(" | ")
+        .find(|l| l.contains("ERROR") || l.contains("nobody available"))
+        .unwrap_or("nothing logged");
+    let text = line.split_once("]: ").map_or(line, |(_, t)| t);
+    let text: String = text
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(90)
+        .collect();
+    text.split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// Start `m` calls together (numbered from `first`), answer every pop as
@@ -239,6 +261,13 @@ pub async fn burst(start: Start<'_>, agent: &mut TestAgent, first: usize, m: usi
         left -= 1;
     }
     out.missing = left;
+    for (call, sent) in calls.iter().zip(&sent) {
+        if sent.is_none() {
+            *out.why_missing
+                .entry(why_no_pop(&call.stderr()))
+                .or_default() += 1;
+        }
+    }
     // A call without a pop took its default action or still waits; the
     // close below ends it either way.
     for (call, sent) in calls.iter_mut().zip(&sent) {
@@ -285,7 +314,7 @@ pub async fn floor_message(
 /// test agent uses it) logging in and sending one message, in this
 /// process.
 pub async fn client_message(
-    server: &crate::support::Prosody,
+    server: &dyn popivr::testbed::Server,
     user: &str,
     password: &str,
     agent: &mut TestAgent,

@@ -62,6 +62,7 @@ use std::time::{Duration, Instant};
 use asterisk::Program;
 use calls::{PopSeries, Start};
 use popivr::call::{OutgoingMessage, XmppStatus};
+use popivr::testbed::{Ejabberd, Server};
 use popivr::xmpp::XmppEvent;
 use stats::{Goal, Phases, Report, Samples, loadavg, machine, ms};
 use support::{Prosody, TestAgent};
@@ -106,23 +107,41 @@ fn main() {
         None
     };
 
-    let mut builder = Prosody::builder()
-        .user(PBX, PBX_PASSWORD)
-        .user(AGENT, AGENT_PASSWORD);
-    for k in 0..plan.agents {
-        builder = builder.user(&scale_agent(k), SCALE_PASSWORD);
-    }
-    let server = builder.start();
+    let mut users = vec![
+        (PBX.to_string(), PBX_PASSWORD),
+        (AGENT.to_string(), AGENT_PASSWORD),
+    ];
+    users.extend((0..plan.agents).map(|k| (scale_agent(k), SCALE_PASSWORD)));
+    // BENCH_SERVER=ejabberd: a stock ejabberd (its shaper and session
+    // limit included) instead of prosody.
+    let server: Box<dyn Server + Sync> = match std::env::var("BENCH_SERVER").as_deref() {
+        Ok("ejabberd") => {
+            let mut builder = Ejabberd::builder();
+            for (user, password) in &users {
+                builder = builder.user(user, password);
+            }
+            Box::new(builder.start())
+        }
+        _ => {
+            let mut builder = Prosody::builder();
+            for (user, password) in &users {
+                builder = builder.user(user, password);
+            }
+            Box::new(builder.start())
+        }
+    };
+    let server = server.as_ref();
     report.note(format!(
-        "prosody start-up {:.0} ms",
-        ms(server.startup_time())
+        "{} start-up {:.0} ms",
+        server.name(),
+        ms(server.base().startup_time())
     ));
-    let conf = write_config(&server, &plan);
+    let conf = write_config(server, &plan);
     // The peer with presence = available and = any.
     let peers = venv.as_deref().map(|v| {
         (
-            peer_program(v, &write_peer_config(&server, &conf, "available")),
-            peer_program(v, &write_peer_config(&server, &conf, "any")),
+            peer_program(v, &write_peer_config(server, &conf, "available")),
+            peer_program(v, &write_peer_config(server, &conf, "any")),
         )
     });
     let account = popivr::config::load_file(&conf)
@@ -164,7 +183,7 @@ fn main() {
     });
 
     let mut agent = rt.block_on(async {
-        let mut agent = TestAgent::login(&server, AGENT, AGENT_PASSWORD).await;
+        let mut agent = TestAgent::login(server, AGENT, AGENT_PASSWORD).await;
         // As `popivr check` does: ask, and the agent accepts.
         let contacts = vec![agent.bare()];
         let pbx_bare = server.jid(PBX);
@@ -187,7 +206,7 @@ fn main() {
             &mut report,
             &plan,
             &conf,
-            &server,
+            server,
             &account,
             &mut agent,
             peers.as_ref(),
@@ -216,7 +235,14 @@ fn main() {
     if let (Some(daemon), Some(agents)) = (&daemon, agents.as_mut())
         && plan.has("scale")
     {
-        scale(&mut report, &plan, daemon, server.pid(), agents, &scale_rt);
+        scale(
+            &mut report,
+            &plan,
+            daemon,
+            server.base().pid(),
+            agents,
+            &scale_rt,
+        );
     }
     drop(daemon);
     rt.block_on(async {
@@ -349,7 +375,7 @@ async fn percall(
     report: &mut Report,
     plan: &Plan,
     conf: &Path,
-    server: &Prosody,
+    server: &(dyn Server + Sync),
     account: &popivr::config::Account,
     agent: &mut TestAgent,
     peers: Option<&(Program, Program)>,
@@ -840,6 +866,9 @@ async fn bursts(
             b.bad_exits,
             b.wall.as_secs_f64()
         ));
+        for (why, count) in &b.why_missing {
+            report.note(format!("{name}: {count} without a pop logged: {why}"));
+        }
     }
     let find = |prefix: &str| runs.iter().find(|(n, _)| n == prefix).map(|(_, b)| b);
     for &m in &plan.peer_burst {
@@ -981,7 +1010,7 @@ fn scale_agent(k: usize) -> String {
 /// popivr.conf for the test server: a keys-only profile, the agent as the
 /// target with presence as by default and with `presence = any`, and one
 /// profile per scale agent. `${n}` (a call argument) tells calls apart.
-fn write_config(server: &Prosody, plan: &Plan) -> PathBuf {
+fn write_config(server: &dyn Server, plan: &Plan) -> PathBuf {
     let path = server.scratch_dir().join("popivr.conf");
     let pop = |name: &str, target: &str, extra: &str| {
         format!(
@@ -1033,7 +1062,7 @@ timeout = 30
 }
 
 /// The peer's settings (`peer-<presence>.ini` beside popivr.conf).
-fn write_peer_config(server: &Prosody, conf: &Path, presence: &str) -> PathBuf {
+fn write_peer_config(server: &dyn Server, conf: &Path, presence: &str) -> PathBuf {
     let path = conf.with_file_name(format!("peer-{presence}.ini"));
     let text = format!(
         "[peer]
