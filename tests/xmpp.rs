@@ -361,6 +361,23 @@ on_both! {
     }
 }
 
+/// A server that stays silent costs no more than the bound the caller
+/// gives (`popivr check`: 2 s), and says so.
+#[tokio::test]
+async fn a_silent_server_leaves_its_software_unknown_within_the_bound() {
+    let server = server();
+    let mut conn = xmpp::login(&server.account("pbx", PBX_PW))
+        .await
+        .expect("login");
+    server.freeze();
+    let t = Instant::now();
+    let answer = conn.server_software(Duration::from_millis(300)).await;
+    assert_eq!(answer, Err("no answer within 0.3 s".to_string()));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    server.thaw();
+    conn.close().await;
+}
+
 /// What `popivr check` says of prosody: unlike a stock ejabberd
 /// (`a_session_replaced_on_ejabberd_names_the_session_limit`), it sets no
 /// limit on sessions per account, and twelve overlapping logins of one
