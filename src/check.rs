@@ -1,5 +1,6 @@
 //! `popivr check`: validate the configuration, point out risky settings,
-//! log in with each account a profile uses. Never prints a secret.
+//! log in with each account a profile uses and say what its server means
+//! for overlapping per-call sessions. Never prints a secret.
 //!
 //! Exit status 0 when the file is valid and every login worked (and, with
 //! `--strict`, nothing risky was found); 1 otherwise.
@@ -14,7 +15,7 @@ use anyhow::{Context, Result};
 
 use popivr::call::RealJids;
 use popivr::config::{self, ActionKind, Config, PresencePolicy, Profile};
-use popivr::xmpp::{ContactState, Show, XmppEvent, XmppStatus};
+use popivr::xmpp::{ContactState, Show, Software, XmppEvent, XmppStatus};
 
 /// A caller on hold longer than this is probably a typo (minutes for
 /// seconds) or an abandoned caller.
@@ -23,6 +24,9 @@ const LONG_HOLD: Duration = Duration::from_secs(300);
 const SHORT_HOLD: Duration = Duration::from_secs(5);
 /// A login bound above this holds up every pop while a server is down.
 const LONG_LOGIN: Duration = Duration::from_secs(15);
+/// How long to wait for the server to name its software: a server that
+/// does not answer XEP-0092 may stay silent.
+const SOFTWARE_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Options {
     /// Only validate the file; don't log in.
@@ -120,7 +124,7 @@ fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize, usi
             false => "PLAINTEXT",
         };
         match rt.block_on(popivr::xmpp::login(account)) {
-            Ok(conn) => {
+            Ok(mut conn) => {
                 println!(
                     "account [{name}]: logged in as {} via {server}:{} ({transport}, {}) in {}",
                     conn.jid, account.port, conn.mechanism, conn.timings
@@ -128,6 +132,12 @@ fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize, usi
                 if let Some(why) = conn.unbound.filter(|_| account.usetls) {
                     println!("account [{name}]: note: no channel binding: {why}");
                 }
+                let software = rt.block_on(async {
+                    let software = conn.server_software(SOFTWARE_WAIT).await;
+                    conn.close().await;
+                    software
+                });
+                println!("account [{name}]: {}", sessions_note(&software));
             }
             Err(e) => {
                 failed += 1;
@@ -223,6 +233,36 @@ async fn check_rooms(
         }
     }
     failed
+}
+
+/// What the server's software means for overlapping per-call sessions.
+/// XMPP has no way to read a server's limit on sessions per account, and
+/// trying it out would replace live sessions of the account (a daemon, or
+/// calls in progress), so this goes by the software's defaults. A note,
+/// never a failure: whether calls run per call or in `popivr serve` is
+/// the dialplan's choice, which check cannot see.
+fn sessions_note(software: &Result<Software, String>) -> String {
+    let unknown = "its limit on sessions per account is unknown";
+    let software = match software {
+        Ok(software) => software,
+        Err(why) => return format!("server software unknown ({why}): {unknown}"),
+    };
+    let meaning = match software.name.to_ascii_lowercase().as_str() {
+        "ejabberd" => {
+            "ejabberd limits sessions per account (max_user_sessions, 10 in its stock \
+             config; check cannot read the configured value). In per-call mode each waiting \
+             call is one session, so more overlapping calls than the limit replace each \
+             other's sessions (conflict in the log). If calls overlap, use `popivr serve` \
+             (one session for all calls) or raise the limit for this account (README, \
+             ejabberd)"
+        }
+        "prosody" => {
+            "prosody 0.12's own modules set no limit on sessions per account (mod_limits \
+             limits bandwidth): overlapping per-call sessions do not replace each other"
+        }
+        _ => unknown,
+    };
+    format!("server {software}: {meaning}")
 }
 
 /// A profile that logs in: it pops targets or a room.
@@ -492,6 +532,36 @@ reply = 1 -> continue desk
     fn popping_ourselves_is_a_risk() {
         let r = risks_of("", "targets = PBX@example.org\n");
         assert!(r.iter().any(|r| r.contains("own account")), "{r:?}");
+    }
+
+    #[test]
+    fn the_sessions_note_follows_the_server_software() {
+        let note = |name: &str| {
+            sessions_note(&Ok(Software {
+                name: name.to_string(),
+                version: "1.0".to_string(),
+            }))
+        };
+        let ejabberd = note("ejabberd");
+        assert!(ejabberd.starts_with("server ejabberd 1.0: "), "{ejabberd}");
+        for words in ["max_user_sessions", "10", "popivr serve", "raise the limit"] {
+            assert!(ejabberd.contains(words), "{words}: {ejabberd}");
+        }
+        let prosody = note("Prosody");
+        assert!(prosody.starts_with("server Prosody 1.0: "), "{prosody}");
+        assert!(prosody.contains("no limit on sessions"), "{prosody}");
+        assert!(!prosody.contains("popivr serve"), "{prosody}");
+        let other = note("Openfire");
+        assert_eq!(
+            other,
+            "server Openfire 1.0: its limit on sessions per account is unknown"
+        );
+        let silent = sessions_note(&Err("no answer within 2 s".to_string()));
+        assert_eq!(
+            silent,
+            "server software unknown (no answer within 2 s): its limit on sessions per \
+             account is unknown"
+        );
     }
 
     #[test]

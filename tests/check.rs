@@ -1,14 +1,16 @@
-//! `popivr check` against a real prosody: the built binary, a config file
-//! on disk, its output and exit status. No secret may appear in either
-//! output stream, whatever happens.
+//! `popivr check` against a real prosody (and, where the server matters,
+//! a stock ejabberd): the built binary, a config file on disk, its output
+//! and exit status. No secret may appear in either output stream,
+//! whatever happens.
 
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use popivr::testbed::{self, Prosody};
+use popivr::testbed::{self, Ejabberd, Prosody, Server};
 use popivr::xmpp::{self, Session, SessionOptions, XmppEvent, XmppStatus};
+use support::{Start, account_section};
 
 const PBX_PW: &str = "check-Secret-a81f";
 const WRONG_PW: &str = "wrong-Secret-5c0d";
@@ -176,4 +178,85 @@ fn an_invalid_file_names_file_and_line() {
     let (out, text) = check(&path, &["--offline"]);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains(&format!("{}:3", path.display())), "{text}");
+}
+
+/// `popivr check` of a profile of `server`'s pbx that pops alice whatever
+/// her presence: it passes, whatever the server says of itself. Returns
+/// check's line about the server's software and session limit.
+fn server_line(server: &impl Server) -> String {
+    let path = server.scratch_dir().join("popivr.conf");
+    let text = format!(
+        "{}[sales]\ntype = profile\naccount = pbx\ntargets = {}\npresence = any\n",
+        account_section(server, "pbx", PBX_PW),
+        server.jid("alice"),
+    );
+    testbed::write_private(&path, text.as_bytes()).expect("write config");
+    let (out, text) = check(&path, &["--presence-wait", "0.5"]);
+    assert!(out.status.success(), "{}: {text}", server.name());
+    assert!(text.contains("check passed"), "{text}");
+    let mut lines = text
+        .lines()
+        .filter(|l| l.starts_with("account [pbx]: server "));
+    let line = lines
+        .next()
+        .unwrap_or_else(|| panic!("no server line:\n{text}"));
+    assert_eq!(lines.next(), None, "one server line per account:\n{text}");
+    line.to_string()
+}
+
+/// [`server_line`] on a fresh server of kind `S`, which must name itself
+/// as `named` (then a version).
+fn server_line_on<S: Start>(named: &str) -> String {
+    let server = S::start_with(&[("pbx", PBX_PW), ("alice", ALICE_PW)]);
+    let line = server_line(&server);
+    let prefix = format!("account [pbx]: server {named} ");
+    let version = line
+        .strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(version.starts_with(|c: char| c.is_ascii_digit()), "{line}");
+    line
+}
+
+/// A stock ejabberd names itself; check says that it limits sessions per
+/// account and what that means for per-call mode, as advice: the check
+/// still passes.
+#[test]
+fn check_names_ejabberd_and_its_session_limit() {
+    let line = server_line_on::<Ejabberd>("ejabberd");
+    for words in [
+        "limits sessions per account (max_user_sessions, 10 in its stock config",
+        "cannot read the configured value",
+        "each waiting call is one session",
+        "replace each other's sessions",
+        "`popivr serve`",
+        "raise the limit for this account",
+    ] {
+        assert!(line.contains(words), "{words}: {line}");
+    }
+}
+
+/// Prosody names itself too; it has no such limit, and check says so
+/// without advice to change anything.
+#[test]
+fn check_names_prosody_and_no_session_limit() {
+    let line = server_line_on::<Prosody>("Prosody");
+    assert!(line.contains("no limit on sessions per account"), "{line}");
+    assert!(!line.contains("popivr serve"), "{line}");
+}
+
+/// A server that will not name its software leaves the limit unknown,
+/// and the check passes all the same.
+#[test]
+fn a_server_that_hides_its_software_leaves_the_limit_unknown() {
+    let server = Prosody::builder()
+        .without_version()
+        .user("pbx", PBX_PW)
+        .user("alice", ALICE_PW)
+        .start();
+    let line = server_line(&server);
+    assert_eq!(
+        line,
+        "account [pbx]: server software unknown (refused: service-unavailable): its limit \
+         on sessions per account is unknown"
+    );
 }

@@ -295,6 +295,17 @@ async fn wrong_password_on_ejabberd_is_one_fail2ban_strike() {
     assert!(table.starts_with("[{{127,0,0,1},1,"), "{table}");
 }
 
+/// A session of `account` online, then `n` more logins of it, overlapping
+/// as the sessions of waiting calls do.
+async fn overlapping(account: &Account, n: usize) -> (Session, Vec<xmpp::Connection>) {
+    let oldest = online(account).await;
+    let mut others = Vec::new();
+    for _ in 0..n {
+        others.push(xmpp::login(account).await.expect("login"));
+    }
+    (oldest, others)
+}
+
 /// ejabberd's stock `max_user_sessions: 10`: the eleventh login of the
 /// account replaces the oldest session (stream error `conflict`). The
 /// session that lost says so, with the cause and the fix, not just
@@ -302,12 +313,7 @@ async fn wrong_password_on_ejabberd_is_one_fail2ban_strike() {
 #[tokio::test]
 async fn a_session_replaced_on_ejabberd_names_the_session_limit() {
     let server = ejabberd();
-    let account = server.account("pbx", PBX_PW);
-    let mut oldest = online(&account).await;
-    let mut others = Vec::new();
-    for _ in 0..10 {
-        others.push(xmpp::login(&account).await.expect("login"));
-    }
+    let (mut oldest, others) = overlapping(&server.account("pbx", PBX_PW), 10).await;
     let cause = loop {
         match timeout(WAIT, oldest.recv()).await {
             Ok(Some(XmppEvent::Status(XmppStatus::Failed(cause)))) => break cause,
@@ -329,6 +335,71 @@ async fn a_session_replaced_on_ejabberd_names_the_session_limit() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(others);
+}
+
+on_both! {
+    /// Both stock servers name their software (XEP-0092) on the login's
+    /// own stream: what `popivr check` goes by for the session limit.
+    async fn the_server_names_its_software(server) {
+        let mut conn = xmpp::login(&server.account("pbx", PBX_PW))
+            .await
+            .expect("login");
+        let software = conn
+            .server_software(Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", server.name()));
+        let name = match server.name() {
+            "prosody" => "Prosody",
+            other => other,
+        };
+        assert_eq!(software.name, name, "{software:?}");
+        assert!(
+            software.version.starts_with(|c: char| c.is_ascii_digit()),
+            "{software:?}"
+        );
+        conn.close().await;
+    }
+}
+
+/// A server that stays silent costs no more than the bound the caller
+/// gives (`popivr check`: 2 s), and says so.
+#[tokio::test]
+async fn a_silent_server_leaves_its_software_unknown_within_the_bound() {
+    let server = server();
+    let mut conn = xmpp::login(&server.account("pbx", PBX_PW))
+        .await
+        .expect("login");
+    server.freeze();
+    let t = Instant::now();
+    let answer = conn.server_software(Duration::from_millis(300)).await;
+    assert_eq!(answer, Err("no answer within 0.3 s".to_string()));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    server.thaw();
+    conn.close().await;
+}
+
+/// What `popivr check` says of prosody: unlike a stock ejabberd
+/// (`a_session_replaced_on_ejabberd_names_the_session_limit`), it sets no
+/// limit on sessions per account, and twelve overlapping logins of one
+/// account all stay.
+#[tokio::test]
+async fn overlapping_sessions_on_prosody_all_stay() {
+    let server = server();
+    let (mut oldest, mut others) = overlapping(&server.account("pbx", PBX_PW), 11).await;
+    // Each newer one still answers on its stream …
+    for conn in &mut others {
+        conn.server_software(WAIT).await.expect("still logged in");
+    }
+    // … and the oldest was not replaced (ejabberd's replacement comes as
+    // the newer login binds, before these answers).
+    match timeout(Duration::from_millis(300), oldest.recv()).await {
+        Err(_) => {}
+        Ok(event) => panic!("the oldest session heard {event:?}"),
+    }
+    for conn in others {
+        conn.close().await;
+    }
+    oldest.close().await;
 }
 
 #[tokio::test]

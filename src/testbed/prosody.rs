@@ -16,6 +16,8 @@ pub struct Builder {
     domain: String,
     hosts: Vec<String>,
     plaintext: bool,
+    /// Answer XEP-0092 software version requests (mod_version).
+    version: bool,
     /// (user, host, password); host `None` is the main domain.
     users: Vec<(String, Option<String>, String)>,
     cert_names: Option<Vec<String>>,
@@ -34,6 +36,7 @@ impl std::fmt::Debug for Builder {
             .field("domain", &self.domain)
             .field("hosts", &self.hosts)
             .field("plaintext", &self.plaintext)
+            .field("version", &self.version)
             .field("users", &users)
             .field("cert_names", &self.cert_names)
             .field("install", &self.install)
@@ -47,6 +50,7 @@ impl Default for Builder {
             domain: DOMAIN.to_owned(),
             hosts: Vec::new(),
             plaintext: false,
+            version: true,
             users: Vec::new(),
             cert_names: None,
             install: Install::Quiet,
@@ -58,6 +62,13 @@ impl Builder {
     /// Allow clients to log in without TLS (STARTTLS is still offered).
     pub fn plaintext_allowed(mut self) -> Self {
         self.plaintext = true;
+        self
+    }
+
+    /// Leave mod_version out (prosody's stock config loads it): the server
+    /// refuses to name its software (XEP-0092).
+    pub fn without_version(mut self) -> Self {
+        self.version = false;
         self
     }
 
@@ -145,6 +156,7 @@ impl Builder {
                 child: None,
             },
             plaintext: self.plaintext,
+            version: self.version,
         };
         // Registration and start-up are separate processes: overlap them.
         let t0 = Instant::now();
@@ -176,6 +188,7 @@ impl Builder {
 pub struct Prosody {
     base: ServerBase,
     plaintext: bool,
+    version: bool,
 }
 
 impl std::ops::Deref for Prosody {
@@ -254,6 +267,7 @@ impl Prosody {
     fn write_config(&self, path: &Path) -> Result<(), Error> {
         let d = self.dir.path().display();
         let encryption = if self.plaintext { "false" } else { "true" };
+        let version = if self.version { "; \"version\"" } else { "" };
         let extra_hosts: String = self
             .hosts
             .iter()
@@ -277,7 +291,7 @@ c2s_direct_tls_ports = {{}}
 legacy_ssl_ports = {{}}
 s2s_ports = {{}}
 component_ports = {{}}
-modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "carbons"; "time"; "version" }}
+modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "carbons"; "time"{version} }}
 modules_disabled = {{ "s2s"; "s2s_auth_certs" }}
 authentication = "internal_hashed"
 storage = "internal"

@@ -602,8 +602,9 @@ pub(crate) async fn send<S: AsyncWrite + Unpin>(
     stream.send(el).await.map_err(|e| io_error(phase, &e))
 }
 
-/// The next element during login; stream errors, EOF and garbage end it.
-async fn next_element<S: AsyncBufRead + AsyncWrite + Unpin>(
+/// The next element during login (or a lone request after it); stream
+/// errors, EOF and garbage end it.
+pub(crate) async fn next_element<S: AsyncBufRead + AsyncWrite + Unpin>(
     stream: &mut XmlStream<S, FallibleStreamElement>,
     phase: Phase,
 ) -> Result<XmppStreamElement, XmppError> {

@@ -17,6 +17,7 @@
 mod error;
 mod login;
 mod session;
+mod software;
 mod stanza;
 mod survey;
 mod tls;
@@ -30,6 +31,7 @@ pub use crate::call::{IncomingPresence, RosterItem, Show, XmppStatus};
 use crate::config::{Account, Profile};
 pub use error::{Phase, XmppError};
 pub use login::{Connection, LoginTimings, login};
+pub use software::Software;
 pub use survey::{ContactState, survey};
 
 /// What a session reports.

@@ -636,7 +636,7 @@ async fn send_stanza(stream: &mut Stream, stanza: Stanza) -> Result<(), End> {
 
 /// RFC 6120 §8.2.3: every get/set gets an answer. We serve only ping
 /// (servers use it to check on idle clients) and refuse the rest.
-async fn answer_iq(stream: &mut Stream, iq: Iq) -> Result<(), XmppError> {
+pub(super) async fn answer_iq(stream: &mut Stream, iq: Iq) -> Result<(), XmppError> {
     let reply = match iq {
         Iq::Get {
             from, id, payload, ..
@@ -723,7 +723,7 @@ fn lost(e: XmppError) -> End {
 /// connection with the stanzas it had not read yet (prosody logs "Broken
 /// pipe"; 1 or 2 of 200 per-call processes under load lost their
 /// confirmation so).
-async fn close(mut stream: Stream) {
+pub(super) async fn close(mut stream: Stream) {
     let done = tokio::time::timeout(CLOSE_TIMEOUT, async {
         stream.shutdown().await?;
         // What the server sent before it saw our footer is dropped. It
