@@ -134,6 +134,36 @@ impl Asterisk {
         }
     }
 
+    /// The call's start: the first `S,` and `reads` variable reads (`G,`
+    /// other than the socket writer's own sync read), in whatever order
+    /// they come (a serve call reads with `P`, before the audio). The
+    /// instants of the `S,` and of the last read.
+    pub async fn expect_start(&mut self, reads: usize) -> (Instant, Instant) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let (mut audio, mut last_read, mut left) = (None, None, reads);
+        while audio.is_none() || left > 0 {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some((at, line))) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with("S,") && audio.is_none() {
+                        audio = Some(at);
+                    } else if line.starts_with("G,")
+                        && !line.starts_with("G,POPIVR_SYNC")
+                        && left > 0
+                    {
+                        left -= 1;
+                        last_read = Some(at);
+                    }
+                }
+                Ok(None) | Err(_) => self.fail(&format!(
+                    "no S, and {reads} G, within {WAIT:?}, or output closed"
+                )),
+            }
+        }
+        let audio = audio.expect("seen");
+        (audio, last_read.unwrap_or(audio))
+    }
+
     /// The same, `None` if it does not come within [`WAIT`].
     pub async fn try_expect(&mut self, prefix: &str) -> Option<(Instant, String)> {
         let deadline = tokio::time::Instant::now() + WAIT;

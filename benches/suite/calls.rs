@@ -50,11 +50,8 @@ pub struct KeysCall {
 /// peak RSS is read then, and stdin is closed.
 pub async fn keys_call(program: &Program, n: usize) -> KeysCall {
     let mut call = Asterisk::spawn(program, n);
-    let (at, _) = call.expect("S,").await;
-    let exec_to_s = at - call.t0;
-    for _ in VARS {
-        call.expect("G,").await;
-    }
+    let (audio, _) = call.expect_start(VARS.len()).await;
+    let exec_to_s = audio - call.t0;
     let pressed = Instant::now();
     call.event("0");
     let (_, v) = call.expect("V,").await;
@@ -138,13 +135,9 @@ impl PopSeries {
 /// the input is closed. `None` if no pop came (its stderr is shown).
 pub async fn pop_call(start: Start<'_>, agent: &mut TestAgent, n: usize) -> Option<PopCall> {
     let mut call = start.open(n);
-    let (at, _) = call.expect("S,").await;
-    let exec_to_s = at - call.t0;
-    let mut last_g = exec_to_s;
-    for _ in VARS {
-        let (at, _) = call.expect("G,").await;
-        last_g = at - call.t0;
-    }
+    let (audio, read) = call.expect_start(VARS.len()).await;
+    let exec_to_s = audio - call.t0;
+    let last_g = read - call.t0;
     let Some(pop) = agent.next_message_within(WAIT, |m| is_pop(m, n)).await else {
         eprintln!(
             "call #{n}: no pop within {WAIT:?}; stderr: {}",
