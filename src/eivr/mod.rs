@@ -7,7 +7,7 @@ mod parse;
 mod reader;
 mod write;
 
-pub use pace::{Answers, CommandWriter, SYNC_VAR};
+pub use pace::{Answers, CommandWriter, SYNC_VAR, drain_after_answer};
 pub use parse::{MAX_EVENT_LINE, ParseError, parse_event};
 pub use reader::LineReader;
 pub(crate) use write::is_unsafe;

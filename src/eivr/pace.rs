@@ -77,6 +77,16 @@ pub const STALL: Duration = Duration::from_secs(10);
 /// command).
 pub const MAX_BACKLOG: usize = 64 * 1024;
 
+/// Before a call's writer exists, `popivr serve` writes `P` and the
+/// variable reads every profile needs in one write: Asterisk handles `P`,
+/// the first line, and holds the reads in its buffer. Once `P`'s answer has
+/// come, this empty line drains them (the same rule as the writer's).
+pub async fn drain_after_answer<W: AsyncWrite + Unpin>(out: &mut W) -> io::Result<()> {
+    tokio::time::timeout(STALL, out.write_all(WAKE))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "write timed out"))?
+}
+
 /// The command side of one call: takes batches of rendered lines and
 /// writes them as the module doc says, on a thread (pipe) or a task
 /// (socket) of its own, so the call never waits for Asterisk's reads.

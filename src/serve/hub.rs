@@ -82,7 +82,7 @@ impl Hub {
             options,
             router: Router::new(prefix),
             calls: HashMap::new(),
-            sent_to: HashMap::new(),
+            standalone: HashSet::new(),
             unsent: Vec::new(),
             link: LinkState::Connecting,
             session: None,
@@ -205,9 +205,8 @@ struct State {
     fingerprint: String,
     router: Router,
     calls: HashMap<u64, mpsc::Sender<ToCall>>,
-    /// Open calls: whether their messages stand alone, and who they sent
-    /// messages to.
-    sent_to: HashMap<u64, (bool, HashSet<String>)>,
+    /// Open calls whose messages stand alone.
+    standalone: HashSet<u64>,
     /// Messages a broken link may have lost, to send again once back.
     unsent: Vec<(u64, OutgoingMessage)>,
     link: LinkState,
@@ -306,7 +305,9 @@ impl State {
         match cmd {
             Cmd::Open(n, standalone, tx) => {
                 self.router.open(n);
-                self.sent_to.insert(n, (standalone, HashSet::new()));
+                if standalone {
+                    self.standalone.insert(n);
+                }
                 match &self.link {
                     LinkState::Connecting => {}
                     LinkState::Up => {
@@ -322,11 +323,9 @@ impl State {
                 self.calls.insert(n, tx);
             }
             Cmd::Send(n, msg) => {
+                let first = !self.router.wrote_to(n, &msg.to);
                 self.router.sent(n, &msg);
-                let tag = match self.sent_to.get_mut(&n) {
-                    Some((standalone, to)) => Tag::new(n, to.insert(msg.to.clone()), *standalone),
-                    None => Tag::new(n, false, true),
-                };
+                let tag = Tag::new(n, first, self.standalone.contains(&n));
                 match (&self.session, &self.link) {
                     (Some(session), LinkState::Up) => {
                         // The session just ended: its failure is on its way.
@@ -345,7 +344,7 @@ impl State {
             Cmd::Close(n) => {
                 self.router.close(n);
                 self.calls.remove(&n);
-                self.sent_to.remove(&n);
+                self.standalone.remove(&n);
             }
             Cmd::Account(account, options) => {
                 let print = fingerprint(&account, &options);

@@ -481,9 +481,7 @@ impl Daemon {
                 return;
             }
         };
-        // Asterisk handled `P` alone; the reads wait in its buffer until
-        // the socket has bytes again (eivr::pace): this empty line.
-        if !prefetch.is_empty() && wr.write_all(b"\n").await.is_err() {
+        if !prefetch.is_empty() && eivr::drain_after_answer(&mut wr).await.is_err() {
             log.info(&format!("{peer} closed the connection"));
             return;
         }

@@ -102,6 +102,13 @@ impl Router {
         );
     }
 
+    /// Whether call `n` has written to `to`.
+    pub fn wrote_to(&self, n: u64, to: &str) -> bool {
+        self.calls
+            .get(&Key(n))
+            .is_some_and(|e| e.agents.iter().any(|a| a == to))
+    }
+
     /// Call `n` sent `msg`: its recipient may answer it. The first message
     /// (the pop) also gives the call its label.
     pub fn sent(&mut self, n: u64, msg: &OutgoingMessage) {
