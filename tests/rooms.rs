@@ -80,12 +80,9 @@ async fn join(server: &impl Server, room: &str) -> RealJids {
 fn config(server: &impl Server, dir: &std::path::Path, room: &str) -> PathBuf {
     let path = dir.join(format!("popivr-{room}.conf"));
     let text = format!(
-        "[pbx]\ntype = client\nusername = {}\nsecret = {PBX_PW}\nserverhost = 127.0.0.1\n\
-         port = {}\nca_file = {}\n\n[sales]\ntype = profile\naccount = pbx\n\
+        "{}[sales]\ntype = profile\naccount = pbx\n\
          room = {room}@{}\nroom_allow = alice@{}\nreply = 1 -> continue desk\n",
-        server.jid("pbx"),
-        server.port(),
-        server.ca_pem().display(),
+        support::server::account_section(server, "pbx", PBX_PW),
         server.muc_domain(),
         server.domain(),
     );

@@ -302,13 +302,7 @@ impl Extension for ServerSteps {
 
 /// popivr's account on `server`, the secret left to the runner.
 fn account_section(server: &dyn Server) -> String {
-    format!(
-        "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {}\nusername = {}\n\
-         secret = {{{{POPIVR_SECRET}}}}\nca_file = {}\n\n",
-        server.port(),
-        server.jid("pbx"),
-        server.ca_pem().display()
-    )
+    support::server::account_section(server, "pbx", "{{POPIVR_SECRET}}")
 }
 
 /// A script: the config block (dedented by the parser) and the steps.

@@ -40,14 +40,10 @@ fn ejabberd() -> Ejabberd {
 fn call(server: &impl Server, targets: &[&str], timeout: u32) -> Script {
     let targets: Vec<String> = targets.iter().map(|t| server.jid(t)).collect();
     let config = format!(
-        "[pbx]\ntype = client\nserverhost = 127.0.0.1\nport = {}\nusername = {}\n\
-         secret = {PBX_PW}\nca_file = {}\n\n\
-         [sales]\ntype = profile\naccount = pbx\ntargets = {}\nhold = moh/a\n\
+        "{}[sales]\ntype = profile\naccount = pbx\ntargets = {}\nhold = moh/a\n\
          template = call from $caller$\nreply = 1 -> continue desk\n\
          timeout = {timeout}\ndefault = continue timeout\n",
-        server.port(),
-        server.jid("pbx"),
-        server.ca_pem().display(),
+        support::server::account_section(server, "pbx", PBX_PW),
         targets.join(", ")
     );
     let config: String = config.lines().map(|l| format!("  {l}\n")).collect();

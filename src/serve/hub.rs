@@ -460,7 +460,7 @@ impl State {
         let (again, dropped) = resend(unsent, |n| self.calls.contains_key(&n));
         self.log.info(&format!(
             "{} message(s) the XMPP server may not have had sent again; {} dropped \
-             (pops of calls now over)",
+             (pops of calls now over, and notices about them)",
             again.len(),
             dropped
         ));
