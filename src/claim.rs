@@ -21,17 +21,71 @@
 //! 2. it starts with this call's tag (`#<id> 1`; the tag is removed), or
 //! 3. it carries neither another call's thread nor tag, is addressed to
 //!    this session or to the bare JID (not to another session's full JID),
-//!    and no other call was waiting for this agent at any moment since
-//!    this call popped them ("contested" below).
+//!    no other call was waiting for this agent at any moment since this
+//!    call popped them ("contested" below), and no other call that popped
+//!    them ended without their answer less than [`LATE_REPLY`] ago.
+//!
+//! The last rule is for a late answer to a call that is over: some servers
+//! (ejabberd) hand a chat for a session that is gone to another one as if
+//! written to it, and most clients send no thread, so only the time tells
+//! it from an answer to the next pop. A process cannot ask the one that
+//! ended, so each leaves the time it ended, per agent it did not hear
+//! from, in the account's private storage (XEP-0049: stock on prosody and
+//! ejabberd), and each reads it for the agents it pops, just after the
+//! pop ([`Claims::recalled`]); a reply that comes before that answer waits
+//! for it ([`Claim::Wait`]). The server handles our stanzas in order, so
+//! a call that ended before this one popped the agent either wrote its
+//! time before our read, or was still waiting when we popped them (and
+//! its announcement made the agent contested).
 //!
 //! Otherwise it steers nothing here, and one session tells the agent why:
 //! the one it was addressed to, or, when all got it, the one with the
 //! lowest call id among the live sessions that popped this agent.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use crate::call::{Addressed, Announcement, IncomingMessage, MsgKind, OutgoingMessage};
 use crate::serve::router::split_tag;
+
+/// For how long after a call that popped an agent ended without their
+/// answer a reply of theirs with no thread or tag moves no other call: it
+/// may be a late answer to the call that ended, written before the agent
+/// saw it end (or saw the next pop). Both modes.
+pub const LATE_REPLY: Duration = Duration::from_secs(10);
+
+/// A call that ended without an agent's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Its id.
+    pub call: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub at: u64,
+}
+
+impl Ended {
+    /// Whether a reply at `now` (ms since the Unix epoch) may still be a
+    /// late answer to this call. A time ahead of ours (another host's
+    /// clock) counts as now, unless it is further ahead than the window
+    /// itself: that is a wrong clock, not a call.
+    pub fn recent(&self, now: u64) -> Option<Duration> {
+        let window = LATE_REPLY.as_millis() as u64;
+        let ago = now.abs_diff(self.at);
+        (ago < window).then(|| Duration::from_millis(now.saturating_sub(self.at)))
+    }
+}
+
+/// The notice for a reply that may be a late answer to call `ended`
+/// (tags with their `#`), in both modes.
+pub fn late_notice(ended: &str, ago: Duration, tag: &str, body: &str) -> String {
+    let example: String = body.chars().take(20).collect();
+    format!(
+        "Call {ended} also popped you and ended {} s ago without your answer, so your reply \
+         did nothing: it may have been meant for that call. To answer call {tag}, start your \
+         reply with its tag, e.g. \"{tag} {example}\".",
+        ago.as_secs().max(1)
+    )
+}
 
 /// What to do with an incoming message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +97,9 @@ pub enum Claim {
     /// Not ours, and another session answers (or nobody need); the reason
     /// is for a debug log.
     Ignore(&'static str),
+    /// Ours unless the agent's last unanswered call ended just before:
+    /// ask again once the storage has answered ([`Claims::recalled`]).
+    Wait(IncomingMessage),
 }
 
 /// What one other session of the account said last.
@@ -75,6 +132,10 @@ pub struct Claims {
     /// Agents for whom another call was waiting at some moment since we
     /// popped them: a reply of theirs needs a thread or a tag.
     contested: BTreeSet<String>,
+    /// Agents whose last unanswered call we asked the storage for.
+    recalling: BTreeSet<String>,
+    /// The last other call that ended without each agent's answer.
+    ended: BTreeMap<String, Ended>,
 }
 
 impl Claims {
@@ -85,11 +146,20 @@ impl Claims {
             waiting: true,
             siblings: BTreeMap::new(),
             contested: BTreeSet::new(),
+            recalling: BTreeSet::new(),
+            ended: BTreeMap::new(),
         }
     }
 
+    /// Our call's id.
+    pub fn call(&self) -> &str {
+        &self.call
+    }
+
     /// Our call is about to send `msg`. Returns the announcement to send
-    /// first when it is a pop to an agent we had not popped yet.
+    /// first when it is a pop to an agent we had not popped yet; the shell
+    /// then reads that agent's last unanswered call from the storage, after
+    /// the pop, and hands the answer to [`Claims::recalled`].
     pub fn sending(&mut self, msg: &OutgoingMessage) -> Option<Announcement> {
         let pop = msg.thread.as_deref() == Some(self.call.as_str())
             && msg.kind != crate::call::OutKind::Groupchat;
@@ -97,6 +167,7 @@ impl Claims {
             return None;
         }
         self.popped.push(msg.to.clone());
+        self.recalling.insert(msg.to.clone());
         let elsewhere = self
             .siblings
             .values()
@@ -105,6 +176,31 @@ impl Claims {
             self.contested.insert(msg.to.clone());
         }
         Some(self.announcement())
+    }
+
+    /// The storage's answer for `agent`: the last call that ended without
+    /// their answer, if any (`None` too when the storage failed: then a
+    /// late answer cannot be told from a reply to us; the shell logs it).
+    pub fn recalled(&mut self, agent: &str, ended: Option<Ended>) {
+        self.recalling.remove(agent);
+        match ended.filter(|e| e.call != self.call) {
+            Some(e) => {
+                self.ended.insert(agent.to_string(), e);
+            }
+            None => {
+                self.ended.remove(agent);
+            }
+        }
+    }
+
+    /// Whether a reply from `agent` waits for the storage.
+    pub fn recalling(&self, agent: &str) -> bool {
+        self.recalling.contains(agent)
+    }
+
+    /// The storage will not answer (the link is gone).
+    pub fn forget_recalls(&mut self) {
+        self.recalling.clear();
     }
 
     /// Our call took its action (its last words to the agents are sent).
@@ -159,8 +255,8 @@ impl Claims {
         changed.then(|| self.announcement())
     }
 
-    /// What `msg` is to our call.
-    pub fn claim(&self, mut msg: IncomingMessage) -> Claim {
+    /// What `msg`, come at `now` (ms since the Unix epoch), is to our call.
+    pub fn claim(&self, mut msg: IncomingMessage, now: u64) -> Claim {
         let from = msg.from_bare.clone();
         let plain =
             matches!(msg.kind, MsgKind::Chat | MsgKind::Normal) && !msg.delayed && !msg.forwarded;
@@ -193,6 +289,24 @@ impl Claims {
             return self.notice(&msg, "That pop's call is over: your reply did nothing.");
         }
         if self.waiting && !self.contested.contains(&from) {
+            if self.recalling.contains(&from) {
+                return Claim::Wait(msg);
+            }
+            if let Some((e, ago)) = self
+                .ended
+                .get(&from)
+                .and_then(|e| Some((e, e.recent(now)?)))
+            {
+                // We are the only call waiting for them: the others leave
+                // the notice to us (Sibling::takes).
+                let text = late_notice(
+                    &format!("#{}", e.call),
+                    ago,
+                    &format!("#{}", self.call),
+                    body,
+                );
+                return Claim::Answer(OutgoingMessage::chat(&from, text, None));
+            }
             return Claim::Mine(msg);
         }
         // Another call may take it only when ours is decided: while ours

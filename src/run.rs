@@ -7,7 +7,7 @@
 //! signals end it. `serve` drives each connection with [`drive`] and a
 //! link into its shared session.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -18,8 +18,10 @@ use tokio::io::{AsyncBufRead, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
-use crate::call::{Call, Input, OutgoingMessage, Output, Show, TimerId};
-use crate::claim::{Claim, Claims};
+use crate::call::{
+    Call, IncomingMessage, Input, OutgoingMessage, Output, Show, TimerId, XmppStatus,
+};
+use crate::claim::{Claim, Claims, Ended};
 use crate::config::{Account, Agent, Config, Profile};
 use crate::eivr::{self, Answers, CommandWriter, EventLine, LineReader};
 use crate::logging::Logger;
@@ -65,6 +67,8 @@ pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
         options,
         session: None,
         claims: Claims::new(&id),
+        held: VecDeque::new(),
+        storage_failed: false,
         log: log.clone(),
     };
     let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
@@ -154,6 +158,10 @@ pub trait Link: Send {
     fn send(&mut self, msg: OutgoingMessage, log: &Logger);
     /// The call has taken its action (described by `outcome`).
     fn decided(&mut self, _outcome: &str) {}
+    /// These agents were popped and did not answer (`Call::unanswered`),
+    /// now that the call took its action or, if it never did, is over.
+    /// Called once.
+    fn left_unanswered(&mut self, _agents: Vec<String>) {}
     /// The next XMPP input for the call; pends for ever when none can come.
     /// Must be cancel-safe: it sits in a `select!`.
     fn recv(&mut self) -> impl Future<Output = Input> + Send;
@@ -256,6 +264,10 @@ where
     };
     // The reader may sit in a read that never ends; it holds the input.
     reader.abort();
+    if !shell.decided {
+        // Over without an action of its own (the caller hung up, a stop).
+        shell.link.left_unanswered(call.unanswered());
+    }
     shell.link.close().await;
     end
 }
@@ -300,6 +312,9 @@ impl<L: Link> Shell<'_, L> {
             && let Some(outcome) = call.outcome()
         {
             self.decided = true;
+            // What it leaves unanswered is stored before the account's
+            // other sessions hear that it decided.
+            self.link.left_unanswered(call.unanswered());
             self.link.decided(outcome);
         }
         out.send(batch);
@@ -374,6 +389,11 @@ struct OwnSession {
     options: xmpp::SessionOptions,
     session: Option<xmpp::Session>,
     claims: Claims,
+    /// Replies that wait for the storage's answer about their sender
+    /// ([`Claim::Wait`]), in the order they came.
+    held: VecDeque<IncomingMessage>,
+    /// The storage failed once: said in the log already.
+    storage_failed: bool,
     log: Logger,
 }
 
@@ -382,6 +402,41 @@ impl OwnSession {
         if let (Some(a), Some(session)) = (a, &self.session) {
             session.announce(self.status.clone(), a);
         }
+    }
+
+    /// What the claims make of `m`: the call's input, or nothing here.
+    fn take(&mut self, m: IncomingMessage) -> Option<Input> {
+        let from = m.from_full.clone();
+        match self.claims.claim(m, wall_ms()) {
+            Claim::Mine(m) => return Some(Input::Message(m)),
+            Claim::Wait(m) => self.held.push_back(m),
+            Claim::Answer(notice) => {
+                self.log.info(&format!(
+                    "reply from {from} taken by no call: told them how to answer"
+                ));
+                self.send(notice, &self.log.clone());
+            }
+            Claim::Ignore(why) => {
+                self.log
+                    .debug(&format!("message from {from} ignored: {why}"));
+            }
+        }
+        None
+    }
+
+    /// The first held reply whose sender the storage has answered for.
+    fn release(&mut self) -> Option<Input> {
+        while let Some(at) = self
+            .held
+            .iter()
+            .position(|m| !self.claims.recalling(&m.from_bare))
+        {
+            let m = self.held.remove(at).expect("a position in the queue");
+            if let Some(input) = self.take(m) {
+                return Some(input);
+            }
+        }
+        None
     }
 }
 
@@ -398,11 +453,18 @@ impl Link for OwnSession {
 
     fn send(&mut self, msg: OutgoingMessage, log: &Logger) {
         // The announcement goes first: every other session of the account
-        // knows of this pop before the agent can answer it.
+        // knows of this pop before the agent can answer it. The storage is
+        // read after the pop (`claim` says why).
         let first = self.claims.sending(&msg);
+        let recall = first.is_some().then(|| msg.to.clone());
         self.announce(first);
         match &self.session {
-            Some(session) => session.send(msg),
+            Some(session) => {
+                session.send(msg);
+                if let Some(agent) = recall {
+                    session.recall(&agent);
+                }
+            }
             None => log.warn(&format!("IM to {} not sent: no XMPP session", msg.to)),
         }
     }
@@ -413,16 +475,48 @@ impl Link for OwnSession {
         self.announce(now);
     }
 
+    fn left_unanswered(&mut self, agents: Vec<String>) {
+        // Before the session closes: the server handles it before it
+        // handles the close, and so before any later call's read.
+        let Some(session) = &self.session else { return };
+        let at = wall_ms();
+        for agent in agents {
+            let call = self.claims.call().to_string();
+            session.remember(&agent, Ended { call, at });
+        }
+    }
+
     async fn recv(&mut self) -> Input {
         loop {
+            if let Some(input) = self.release() {
+                return input;
+            }
             let Some(session) = &mut self.session else {
                 return std::future::pending().await;
             };
             let Some(event) = session.recv().await else {
-                // The session task is gone: stop polling it.
+                // The session task is gone: stop polling it, and let the
+                // replies that waited for it through.
                 self.session = None;
+                self.claims.forget_recalls();
                 continue;
             };
+            if let xmpp::XmppEvent::Recalled(agent, ended) = event {
+                let ended = ended.unwrap_or_else(|why| {
+                    if !std::mem::replace(&mut self.storage_failed, true) {
+                        self.log.warn(&format!(
+                            "the server keeps no private storage (XEP-0049: {why}): a late \
+                             answer to a call that ended can move the next one"
+                        ));
+                    }
+                    None
+                });
+                self.claims.recalled(&agent, ended);
+                continue;
+            }
+            if let xmpp::XmppEvent::Status(XmppStatus::Failed(_)) = &event {
+                self.claims.forget_recalls();
+            }
             match event.into_input() {
                 Some(Input::Presence(p)) if p.sibling.is_some() => {
                     let online = p.show != Show::Unavailable;
@@ -431,19 +525,8 @@ impl Link for OwnSession {
                     self.announce(again);
                 }
                 Some(Input::Message(m)) => {
-                    let from = m.from_full.clone();
-                    match self.claims.claim(m) {
-                        Claim::Mine(m) => return Input::Message(m),
-                        Claim::Answer(notice) => {
-                            self.log.info(&format!(
-                                "reply from {from} taken by no call: told them how to answer"
-                            ));
-                            self.send(notice, &self.log.clone());
-                        }
-                        Claim::Ignore(why) => {
-                            self.log
-                                .debug(&format!("message from {from} ignored: {why}"));
-                        }
+                    if let Some(input) = self.take(m) {
+                        return input;
                     }
                 }
                 Some(input) => return input,
@@ -457,6 +540,15 @@ impl Link for OwnSession {
             session.close().await;
         }
     }
+}
+
+/// Milliseconds since the Unix epoch: when a call ended, as the account's
+/// other processes (maybe on other hosts) compare it.
+pub(crate) fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn spawn_signal_watch(control: watch::Sender<Control>) {

@@ -609,6 +609,56 @@ async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over_on(on: On) {
     expect_action(&mut four, "desk").await;
 }
 
+/// Call 1 pops alice and times out without her answer; call 2 pops her
+/// at once. Her plain `1`, to the bare JID or to the daemon's full JID,
+/// may be a late answer to call 1 (sent before she saw it end): it moves
+/// nothing, she is told to use call 2's tag, and the tag works.
+#[tokio::test]
+async fn a_late_answer_to_a_call_that_timed_out_moves_not_the_next() {
+    a_late_answer_to_a_call_that_timed_out_moves_not_the_next_on(On::Prosody).await;
+}
+
+#[tokio::test]
+async fn a_late_answer_to_a_call_that_timed_out_moves_not_the_next_on_ejabberd() {
+    a_late_answer_to_a_call_that_timed_out_moves_not_the_next_on(On::Ejabberd).await;
+}
+
+async fn a_late_answer_to_a_call_that_timed_out_moves_not_the_next_on(on: On) {
+    let server = server_on(on, &["alice"]);
+    let dir = tempfile::tempdir().unwrap();
+    let alice_jid = server.jid("alice");
+    let profiles = pop_profile("quick", &alice_jid, 1) + &pop_profile("pop", &alice_jid, 600);
+    let conf = xmpp_config(&*server, &profiles);
+    let daemon = Daemon::start(&write_config(dir.path(), &conf), &[]);
+    daemon.wait_log(&["online as"]).await;
+    let mut alice = agent(&*server, "alice").await;
+    let pbx = server.jid("pbx");
+
+    let mut one = Sim::start(daemon.call("quick,n=1")).unwrap();
+    expect_start(&mut one).await;
+    let (_, thread_one, daemon_jid) = next_pop_from(&mut alice).await;
+    expect_action(&mut one, "voicemail").await;
+    expect_text(&mut alice, |b| b.starts_with("Call n=1: ")).await;
+    let mut two = Sim::start(daemon.call("pop,n=2")).unwrap();
+    expect_start(&mut two).await;
+    let (_, thread_two) = next_pop(&mut alice).await;
+    for to in [pbx.as_str(), daemon_jid.as_str()] {
+        alice.send_chat(to, "1").await;
+        let text = expect_text(&mut alice, |b| b.contains("also popped you")).await;
+        assert!(
+            text.starts_with(&format!("Call #{thread_one} also popped you and ended ")),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(&format!("e.g. \"#{thread_two} 1\".")),
+            "{text}"
+        );
+        still_waiting(&mut two, Duration::from_millis(300)).await;
+    }
+    alice.send_chat(&pbx, &format!("#{thread_two} 1")).await;
+    expect_action(&mut two, "desk").await;
+}
+
 /// alice on two devices, carbons on at her desk: the pop reaches both,
 /// her phone answers the daemon's full JID in the pop's thread, the call
 /// moves, and the desk gets the carbon of the answer (which is never a

@@ -188,6 +188,8 @@ pub struct Call {
     occupants: BTreeMap<String, Option<String>>,
     /// Set once: the action that was taken, for late replies.
     outcome: Option<String>,
+    /// The agent (bare JID) whose answer decided the call.
+    answered_by: Option<String>,
     /// The `type = agent` sections, by bare JID: `$name$` values, exten,
     /// priority.
     agents: Arc<BTreeMap<String, Agent>>,
@@ -230,6 +232,7 @@ impl Call {
             room,
             occupants: BTreeMap::new(),
             outcome: None,
+            answered_by: None,
             agents: Arc::default(),
         }
     }
@@ -268,6 +271,22 @@ impl Call {
     /// shell with many calls stops counting this one as waiting.
     pub fn outcome(&self) -> Option<&str> {
         self.outcome.as_deref()
+    }
+
+    /// The agents this call waited for and did not hear from: everyone an
+    /// interactive pop went to, but the agent whose answer decided it. An
+    /// answer of theirs may still be on its way when the next call pops
+    /// them, so a shell asks for a tag or thread from them for a while
+    /// ([`crate::claim::LATE_REPLY`]).
+    pub fn unanswered(&self) -> Vec<String> {
+        if self.profile.mode != Mode::Interactive {
+            return Vec::new();
+        }
+        self.popped
+            .iter()
+            .filter(|a| self.answered_by.as_deref() != Some(a.as_str()))
+            .cloned()
+            .collect()
     }
 
     /// The first outputs of the call: hold audio first of all, then the
@@ -1202,6 +1221,9 @@ impl Call {
             }
         }
         self.outcome = Some(outcome);
+        if let Source::Agent { jid, .. } = &source {
+            self.answered_by = Some(jid.clone());
+        }
         match &action.prompt {
             Some(prompt) => {
                 out.push(Output::Command(Command::Play(prompt.clone())));

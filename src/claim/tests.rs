@@ -16,10 +16,20 @@ struct Proc {
 #[derive(Default)]
 struct Account {
     procs: Vec<Proc>,
+    /// The account's private storage: each agent's last unanswered call.
+    storage: BTreeMap<String, Ended>,
+    /// The wall clock, ms since the Unix epoch.
+    now: u64,
 }
+
+/// When the tests' replies come, unless a test moves the clock.
+const NOW: u64 = 1_765_000_000_000;
 
 impl Account {
     fn start(&mut self, call: &str) -> usize {
+        if self.now == 0 {
+            self.now = NOW;
+        }
         let jid = format!("pbx@example.org/{call}");
         let mut claims = Claims::new(call);
         // A new session hears the others' current presence at login.
@@ -52,10 +62,41 @@ impl Account {
         let call = self.procs[i].claims.call.clone();
         let msg = OutgoingMessage::chat(agent, "Call from 555", Some(call));
         let a = self.procs[i].claims.sending(&msg);
+        let first = a.is_some();
         self.broadcast(i, a);
+        // The shell reads the storage right after the pop; the server
+        // answers before the agent can see the pop.
+        if first {
+            let stored = self.storage.get(agent).cloned();
+            self.procs[i].claims.recalled(agent, stored);
+        }
     }
 
+    /// Call `i` takes its action without an answer from its agents (a
+    /// key, the timeout): it leaves that in the storage first.
     fn decide(&mut self, i: usize) {
+        self.decided_by(i, None);
+    }
+
+    /// Call `i` is decided by `agent`'s answer: nothing stored for them.
+    fn answered(&mut self, i: usize, agent: &str) {
+        self.decided_by(i, Some(agent));
+    }
+
+    fn decided_by(&mut self, i: usize, agent: Option<&str>) {
+        let call = self.procs[i].claims.call.clone();
+        for other in self.procs[i].claims.popped.clone() {
+            if agent != Some(other.as_str()) {
+                let at = self.now;
+                self.storage.insert(
+                    other,
+                    Ended {
+                        call: call.clone(),
+                        at,
+                    },
+                );
+            }
+        }
         let a = self.procs[i].claims.decided();
         self.broadcast(i, a);
     }
@@ -72,7 +113,7 @@ impl Account {
     fn deliver(&self, msg: &IncomingMessage) -> Vec<Claim> {
         self.procs
             .iter()
-            .map(|p| p.claims.claim(msg.clone()))
+            .map(|p| p.claims.claim(msg.clone(), self.now))
             .collect()
     }
 
@@ -89,6 +130,7 @@ impl Account {
                 Claim::Ignore(_) => false,
                 Claim::Mine(_) => popped(*i),
                 Claim::Answer(_) => true,
+                Claim::Wait(_) => panic!("the storage answers before any reply"),
             })
             .collect();
         match acting.as_slice() {
@@ -109,6 +151,17 @@ fn both_popped_alice() -> (Account, usize, usize) {
     (acc, a, b)
 }
 
+/// Call `aaaaaa01` popped alice, took its action without her answer (a
+/// key, the timeout) and is gone.
+fn alice_missed_a_call() -> Account {
+    let mut acc = Account::default();
+    let old = acc.start("aaaaaa01");
+    acc.pop(old, ALICE);
+    acc.decide(old);
+    acc.end(old);
+    acc
+}
+
 fn to(msg: IncomingMessage, to: Addressed) -> IncomingMessage {
     IncomingMessage { to, ..msg }
 }
@@ -124,7 +177,10 @@ fn the_only_call_that_popped_an_agent_takes_a_bare_reply() {
     assert_eq!(acc.outcome(&reply(BOB, "1")), Ok(b));
     // To its own full JID too.
     let mine = to(reply(ALICE, "1"), Addressed::Me);
-    assert!(matches!(acc.procs[a].claims.claim(mine), Claim::Mine(_)));
+    assert!(matches!(
+        acc.procs[a].claims.claim(mine, NOW),
+        Claim::Mine(_)
+    ));
 }
 
 /// Three calls pop alice: a bare, thread-less `1` steers none of them,
@@ -145,7 +201,7 @@ fn a_bare_reply_to_several_waiting_calls_steers_none_and_is_answered_once() {
     // Thread or tag: exactly that call.
     assert_eq!(acc.outcome(&threaded(ALICE, "1", "bbbbbb02")), Ok(2));
     assert_eq!(acc.outcome(&reply(ALICE, "#CCCCCC03: 2")), Ok(0));
-    match acc.procs[0].claims.claim(reply(ALICE, "#cccccc03 2")) {
+    match acc.procs[0].claims.claim(reply(ALICE, "#cccccc03 2"), NOW) {
         Claim::Mine(m) => assert_eq!(m.body.as_deref(), Some("2")),
         other => panic!("{other:?}"),
     }
@@ -167,16 +223,118 @@ fn an_overlap_is_remembered_after_the_other_call_decides() {
 }
 
 /// A call decided (its last words sent) before the next one popped is no
-/// rival: the next call takes a bare reply.
+/// rival once a late answer to it can no longer be on its way: the next
+/// call takes a bare reply [`LATE_REPLY`] after it ended, not before.
 #[test]
-fn a_call_decided_before_the_pop_is_no_rival() {
+fn a_call_decided_before_the_pop_is_no_rival_once_late_answers_are_over() {
     let mut acc = Account::default();
     let a = acc.start("aaaaaa01");
     acc.pop(a, ALICE);
     acc.decide(a);
     let b = acc.start("bbbbbb02");
     acc.pop(b, ALICE);
+    let text = acc.outcome(&reply(ALICE, "1")).unwrap_err();
+    assert!(text.starts_with("Call #aaaaaa01 also popped you"), "{text}");
+    acc.now += LATE_REPLY.as_millis() as u64 - 1;
+    assert!(acc.outcome(&reply(ALICE, "1")).is_err());
+    acc.now += 1;
     assert_eq!(acc.outcome(&reply(ALICE, "1")), Ok(b));
+}
+
+/// alice answers a call whose session is gone, without thread or tag, to
+/// its full JID; the server (ejabberd) hands it to the next call's session
+/// as if written to it, or to the bare JID. Within [`LATE_REPLY`] of the
+/// end no call takes it and the next call's session tells her how to
+/// answer it; her tagged answer counts at once.
+#[test]
+fn a_late_answer_to_a_finished_call_moves_no_other() {
+    let mut acc = alice_missed_a_call();
+    acc.now += 3_000;
+    let next = acc.start("bbbbbb02");
+    acc.pop(next, ALICE);
+    acc.now += 1_500;
+    for msg in [reply(ALICE, "1"), to(reply(ALICE, "1"), Addressed::Me)] {
+        let text = acc.outcome(&msg).unwrap_err();
+        assert_eq!(
+            text,
+            "Call #aaaaaa01 also popped you and ended 4 s ago without your answer, so your \
+             reply did nothing: it may have been meant for that call. To answer call \
+             #bbbbbb02, start your reply with its tag, e.g. \"#bbbbbb02 1\"."
+        );
+    }
+    assert_eq!(acc.outcome(&reply(ALICE, "#bbbbbb02 1")), Ok(next));
+    assert_eq!(acc.outcome(&threaded(ALICE, "1", "bbbbbb02")), Ok(next));
+}
+
+/// The agent whose answer decided a call has no answer to it left on its
+/// way: the next call takes their plain reply at once; another agent the
+/// call popped is held to the tag for a while.
+#[test]
+fn only_the_agents_who_did_not_answer_are_held_to_the_tag() {
+    let mut acc = Account::default();
+    let old = acc.start("aaaaaa01");
+    acc.pop(old, ALICE);
+    acc.pop(old, BOB);
+    acc.answered(old, ALICE);
+    acc.end(old);
+    let next = acc.start("bbbbbb02");
+    acc.pop(next, ALICE);
+    acc.pop(next, BOB);
+    assert!(acc.outcome(&reply(BOB, "1")).is_err());
+    assert_eq!(acc.outcome(&reply(ALICE, "1")), Ok(next));
+}
+
+/// A reply that comes before the storage has answered for its sender
+/// waits for that answer (in practice the answer is always first: the
+/// server handles our read before our pop).
+#[test]
+fn a_reply_before_the_storage_answers_waits_for_it() {
+    let mut c = Claims::new("bbbbbb02");
+    c.sending(&OutgoingMessage::chat(
+        ALICE,
+        "pop",
+        Some("bbbbbb02".into()),
+    ));
+    assert!(matches!(c.claim(reply(ALICE, "1"), NOW), Claim::Wait(_)));
+    let old = Ended {
+        call: "aaaaaa01".into(),
+        at: NOW - 2_000,
+    };
+    c.recalled(ALICE, Some(old.clone()));
+    assert!(matches!(c.claim(reply(ALICE, "1"), NOW), Claim::Answer(_)));
+    // Our own end (a retried store) is not another call's.
+    c.recalled(
+        ALICE,
+        Some(Ended {
+            call: "bbbbbb02".into(),
+            ..old
+        }),
+    );
+    assert!(matches!(c.claim(reply(ALICE, "1"), NOW), Claim::Mine(_)));
+    // A link that broke lets the reply through rather than hold it.
+    let mut d = Claims::new("cccccc03");
+    d.sending(&OutgoingMessage::chat(
+        ALICE,
+        "pop",
+        Some("cccccc03".into()),
+    ));
+    d.forget_recalls();
+    assert!(matches!(d.claim(reply(ALICE, "1"), NOW), Claim::Mine(_)));
+}
+
+/// Another host's clock may be a little ahead (counts as just now) or
+/// wrong by more than the window (ignored: a reply is never held back for
+/// good by a bad clock).
+#[test]
+fn an_end_time_from_another_clock() {
+    let at = |at| Ended {
+        call: "aaaaaa01".into(),
+        at,
+    };
+    assert_eq!(at(NOW + 2_000).recent(NOW), Some(Duration::ZERO));
+    assert_eq!(at(NOW + 3_600_000).recent(NOW), None);
+    assert_eq!(at(NOW - 9_000).recent(NOW), Some(Duration::from_secs(9)));
+    assert_eq!(at(NOW - 10_000).recent(NOW), None);
 }
 
 /// The announcement of the second pop reaches the first call later (it
@@ -187,8 +345,12 @@ fn a_late_announcement_contests_the_earlier_call() {
     let mut first = Claims::new("aaaaaa01");
     let pop = OutgoingMessage::chat(ALICE, "pop", Some("aaaaaa01".into()));
     let said = first.sending(&pop).unwrap();
+    first.recalled(ALICE, None);
     assert!(said.contested.is_empty());
-    assert!(matches!(first.claim(reply(ALICE, "1")), Claim::Mine(_)));
+    assert!(matches!(
+        first.claim(reply(ALICE, "1"), NOW),
+        Claim::Mine(_)
+    ));
     let other = Announcement {
         call: "bbbbbb02".into(),
         waiting: true,
@@ -197,7 +359,10 @@ fn a_late_announcement_contests_the_earlier_call() {
     };
     let again = first.sibling("pbx@example.org/b", true, Some(&other));
     assert_eq!(again.unwrap().contested, vec![ALICE.to_string()]);
-    assert!(matches!(first.claim(reply(ALICE, "1")), Claim::Answer(_)));
+    assert!(matches!(
+        first.claim(reply(ALICE, "1"), NOW),
+        Claim::Answer(_)
+    ));
     // Nothing new: nothing to say again.
     assert_eq!(first.sibling("pbx@example.org/b", true, Some(&other)), None);
 }
@@ -218,7 +383,10 @@ fn a_stale_view_of_the_other_call_does_not_silence_the_notice() {
         contested: vec![],
     };
     ours.sibling("pbx@example.org/b", true, Some(&stale));
-    assert!(matches!(ours.claim(reply(ALICE, "1")), Claim::Answer(_)));
+    assert!(matches!(
+        ours.claim(reply(ALICE, "1"), NOW),
+        Claim::Answer(_)
+    ));
 }
 
 /// alice answers a finished call's pop: to its full JID (the server hands
@@ -226,11 +394,7 @@ fn a_stale_view_of_the_other_call_does_not_silence_the_notice() {
 /// takes it; one tells her.
 #[test]
 fn a_reply_for_a_finished_call_steers_nothing() {
-    let mut acc = Account::default();
-    let old = acc.start("aaaaaa01");
-    acc.pop(old, ALICE);
-    acc.decide(old);
-    acc.end(old);
+    let mut acc = alice_missed_a_call();
     let next = acc.start("bbbbbb02");
     acc.pop(next, ALICE);
     let gone = Addressed::Other("pbx@example.org/aaaaaa01".into());
@@ -243,6 +407,10 @@ fn a_reply_for_a_finished_call_steers_nothing() {
         .unwrap_err();
     assert!(text.starts_with("Call #aaaaaa01 is over"), "{text}");
     assert!(text.contains("#bbbbbb02"), "{text}");
+    // Without the address (ejabberd) only the time tells, while it can.
+    let text = acc.outcome(&reply(ALICE, "1")).unwrap_err();
+    assert!(text.starts_with("Call #aaaaaa01 also popped you"), "{text}");
+    acc.now += LATE_REPLY.as_millis() as u64;
     assert_eq!(acc.outcome(&reply(ALICE, "1")), Ok(0));
 }
 
@@ -256,7 +424,7 @@ fn another_running_calls_thread_or_tag_is_left_to_it() {
         reply(ALICE, "#bbbbbb02 1"),
     ] {
         assert_eq!(
-            acc.procs[a].claims.claim(msg.clone()),
+            acc.procs[a].claims.claim(msg.clone(), NOW),
             Claim::Ignore("another running call's reply"),
             "{msg:?}"
         );
@@ -269,7 +437,10 @@ fn another_running_calls_thread_or_tag_is_left_to_it() {
 fn a_reply_to_one_session_is_answered_by_it() {
     let (acc, _, b) = both_popped_alice();
     let msg = to(reply(ALICE, "1"), Addressed::Me);
-    assert!(matches!(acc.procs[b].claims.claim(msg), Claim::Answer(_)));
+    assert!(matches!(
+        acc.procs[b].claims.claim(msg, NOW),
+        Claim::Answer(_)
+    ));
 }
 
 /// Two agents, two calls, each popped both: bare replies of either are
@@ -312,7 +483,7 @@ fn the_rest_goes_to_the_core() {
         reply(ALICE, " "),
     ] {
         assert!(
-            matches!(acc.procs[a].claims.claim(msg.clone()), Claim::Mine(_)),
+            matches!(acc.procs[a].claims.claim(msg.clone(), NOW), Claim::Mine(_)),
             "{msg:?}"
         );
     }

@@ -40,6 +40,8 @@ enum Cmd {
     Open(u64, bool, mpsc::Sender<ToCall>),
     Send(u64, OutgoingMessage),
     Decided(u64, String),
+    /// The call's agents that did not answer it (`Link::left_unanswered`).
+    Unanswered(u64, Vec<String>),
     Close(u64),
     /// New settings (after a reload); a change logs in again.
     Account(Box<Account>, SessionOptions),
@@ -166,6 +168,12 @@ impl Link for HubLink {
 
     fn decided(&mut self, outcome: &str) {
         self.hub.cmd(Cmd::Decided(self.n, outcome.to_string()));
+    }
+
+    fn left_unanswered(&mut self, agents: Vec<String>) {
+        if self.opened {
+            self.hub.cmd(Cmd::Unanswered(self.n, agents));
+        }
     }
 
     async fn recv(&mut self) -> Input {
@@ -341,6 +349,10 @@ impl State {
                 }
             }
             Cmd::Decided(n, outcome) => self.router.decided(n, &outcome),
+            Cmd::Unanswered(n, agents) => {
+                self.router
+                    .left_unanswered(n, agents, crate::run::wall_ms())
+            }
             Cmd::Close(n) => {
                 self.router.close(n);
                 self.calls.remove(&n);
@@ -386,12 +398,14 @@ impl State {
             }
             // Older than any message the ended session refused since.
             XmppEvent::Unconfirmed(messages) => drop(self.unsent.splice(0..0, messages)),
+            // The router remembers unanswered calls itself.
+            XmppEvent::Recalled(..) => {}
             XmppEvent::Settled(took) => {
                 self.seen.settled = Some(took);
                 self.broadcast(XmppEvent::Settled(took));
             }
             XmppEvent::Status(XmppStatus::Failed(cause)) => self.lost(cause),
-            XmppEvent::Message(msg) => match self.router.route(msg) {
+            XmppEvent::Message(msg) => match self.router.route(msg, crate::run::wall_ms()) {
                 Route::Deliver(n, msg) => match self.calls.get(&n) {
                     Some(tx) => {
                         if tx.try_send(ToCall::One(Input::Message(msg))).is_err() {

@@ -647,6 +647,12 @@ impl Link for Option<HubLink> {
         }
     }
 
+    fn left_unanswered(&mut self, agents: Vec<String>) {
+        if let Some(link) = self {
+            link.left_unanswered(agents);
+        }
+    }
+
     async fn recv(&mut self) -> Input {
         match self {
             Some(link) => link.recv().await,

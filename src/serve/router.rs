@@ -8,7 +8,10 @@
 //!    call; the tag is removed before the call sees the text;
 //! 2. a XEP-0201 thread that is one of our call ids (every pop carries its
 //!    call's id as thread; clients that keep threads echo it);
-//! 3. otherwise the agent's only waiting call.
+//! 3. otherwise the agent's only waiting call, unless another call popped
+//!    them while it waited, or one that popped them ended without their
+//!    answer less than [`crate::claim::LATE_REPLY`] ago (the reply may be a late answer
+//!    to it: [`crate::claim`]).
 //!
 //! Anything else is never guessed: two or more waiting calls get a
 //! question back that lists them with their tags, a tag or thread for a
@@ -22,6 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::call::{Addressed, IncomingMessage, MsgKind, OutKind, OutgoingMessage};
+use crate::claim::{Ended, late_notice};
 
 /// Ended calls remembered for notices about late replies.
 pub const ENDED_KEPT: usize = 256;
@@ -57,6 +61,10 @@ struct Entry {
     /// Agents another call was waiting for at some moment since this call
     /// popped them: their replies need a tag or thread to reach it.
     contested: BTreeSet<String>,
+    /// The agents it popped and did not hear from, and when it decided
+    /// (or ended): a plain reply of theirs soon after may be for it.
+    unanswered: Vec<String>,
+    ended_at: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -98,6 +106,8 @@ impl Router {
                 outcome: None,
                 live: true,
                 contested: BTreeSet::new(),
+                unanswered: Vec::new(),
+                ended_at: None,
             },
         );
     }
@@ -156,6 +166,33 @@ impl Router {
         }
     }
 
+    /// Call `n` took its action, or ended without one, at `now` (ms since
+    /// the Unix epoch) without an answer from these agents.
+    pub fn left_unanswered(&mut self, n: u64, agents: Vec<String>, now: u64) {
+        if let Some(entry) = self.calls.get_mut(&Key(n)) {
+            entry.unanswered = agents;
+            entry.ended_at = Some(now);
+        }
+    }
+
+    /// The latest call but `n` that ended without `agent`'s answer less
+    /// than [`crate::claim::LATE_REPLY`] before `now`, and how long ago.
+    fn late(&self, agent: &str, n: u64, now: u64) -> Option<(u64, std::time::Duration)> {
+        self.calls
+            .iter()
+            .filter(|(k, e)| k.0 != n && e.unanswered.iter().any(|a| a == agent))
+            .filter_map(|(k, e)| {
+                let at = e.ended_at?;
+                let ended = Ended {
+                    call: self.id(k.0),
+                    at,
+                };
+                Some((at, k.0, ended.recent(now)?))
+            })
+            .max()
+            .map(|(_, m, ago)| (m, ago))
+    }
+
     /// Call `n` is over; it is remembered a while for late replies.
     pub fn close(&mut self, n: u64) {
         let key = Key(n);
@@ -181,8 +218,8 @@ impl Router {
         self.calls.values().filter(|e| e.live).count()
     }
 
-    /// Where `msg` goes.
-    pub fn route(&self, mut msg: IncomingMessage) -> Route {
+    /// Where `msg`, come at `now` (ms since the Unix epoch), goes.
+    pub fn route(&self, mut msg: IncomingMessage, now: u64) -> Route {
         let from = msg.from_bare.clone();
         let talkative = matches!(msg.kind, MsgKind::Chat | MsgKind::Normal)
             && !msg.delayed
@@ -221,7 +258,7 @@ impl Router {
                     Some(entry) => self.answer(talkative, &from, self.over(n, entry)),
                     // Not a call of ours any more (long over, or a restart):
                     // fall back to the agent's calls.
-                    None => self.by_agent(talkative, &from, msg),
+                    None => self.by_agent(talkative, &from, msg, now),
                 },
             };
         }
@@ -231,11 +268,11 @@ impl Router {
             let text = "That pop's call is over: your reply did nothing.".to_string();
             return self.answer(talkative, &from, self.with_waiting(&from, text));
         }
-        self.by_agent(talkative, &from, msg)
+        self.by_agent(talkative, &from, msg, now)
     }
 
     /// No tag, no usable thread: the agent's own calls decide.
-    fn by_agent(&self, talkative: bool, from: &str, msg: IncomingMessage) -> Route {
+    fn by_agent(&self, talkative: bool, from: &str, msg: IncomingMessage, now: u64) -> Route {
         let mine: Vec<(u64, &Entry)> = self
             .calls
             .iter()
@@ -248,7 +285,14 @@ impl Router {
             .collect();
         let live: Vec<&(u64, &Entry)> = mine.iter().filter(|(_, e)| e.live).collect();
         match waiting.as_slice() {
-            [(n, e)] if !e.contested.contains(from) => Route::Deliver(*n, msg),
+            [(n, e)] if !e.contested.contains(from) => match self.late(from, *n, now) {
+                None => Route::Deliver(*n, msg),
+                Some((m, ago)) => {
+                    let body = msg.body.as_deref().unwrap_or("").trim();
+                    let text = late_notice(&self.tag(m), ago, &self.tag(*n), body);
+                    self.answer(talkative, from, text)
+                }
+            },
             [(n, _)] => {
                 let text = format!(
                     "Other calls popped you while call {tag} waited, so your reply did \
@@ -390,6 +434,8 @@ pub(crate) mod tests {
 
     const ALICE: &str = "alice@example.org";
     const BOB: &str = "bob@example.org";
+    /// When the tests' replies come (ms since the Unix epoch).
+    const NOW: u64 = 1_765_000_000_000;
 
     fn pop(router: &mut Router, n: u64, to: &str, text: &str) {
         let msg = OutgoingMessage::chat(to, text, Some(router.id(n)));
@@ -446,7 +492,7 @@ pub(crate) mod tests {
     fn a_single_waiting_call_takes_the_reply() {
         let r = router_with(&[(1, &[ALICE, BOB]), (2, &[BOB])]);
         assert_eq!(
-            delivered(r.route(reply(ALICE, "1"))),
+            delivered(r.route(reply(ALICE, "1"), NOW)),
             ("1".into(), "1".into())
         );
     }
@@ -463,7 +509,7 @@ pub(crate) mod tests {
         ] {
             let id = if text.contains("16") { "16" } else { "17" };
             assert_eq!(
-                delivered(r.route(reply(ALICE, text))),
+                delivered(r.route(reply(ALICE, text), NOW)),
                 (id.into(), want.into()),
                 "{text}"
             );
@@ -474,12 +520,12 @@ pub(crate) mod tests {
     fn a_thread_picks_the_call_and_the_tag_beats_it() {
         let r = router_with(&[(16, &[ALICE]), (17, &[ALICE])]);
         assert_eq!(
-            delivered(r.route(threaded(ALICE, "1", "16"))),
+            delivered(r.route(threaded(ALICE, "1", "16"), NOW)),
             ("16".into(), "1".into())
         );
         // A client may echo the last thread it saw; what the agent typed wins.
         assert_eq!(
-            delivered(r.route(threaded(ALICE, "#16 2", "17"))),
+            delivered(r.route(threaded(ALICE, "#16 2", "17"), NOW)),
             ("16".into(), "2".into())
         );
     }
@@ -487,7 +533,7 @@ pub(crate) mod tests {
     #[test]
     fn two_waiting_calls_and_no_tag_get_a_question_never_a_guess() {
         let r = router_with(&[(16, &[ALICE]), (17, &[ALICE]), (18, &[BOB])]);
-        let (to, text) = answered(r.route(reply(ALICE, "1")));
+        let (to, text) = answered(r.route(reply(ALICE, "1"), NOW));
         assert_eq!(to, ALICE);
         assert!(text.contains("#16 Call from 5550016"), "{text}");
         assert!(text.contains("#17 Call from 5550017"), "{text}");
@@ -495,22 +541,57 @@ pub(crate) mod tests {
         assert!(text.contains("\"#16 1\""), "{text}");
         // A thread that is not a call id (some clients make their own) does
         // not settle it either.
-        let (_, again) = answered(r.route(threaded(ALICE, "1", "e8f1-4c2a-thread")));
+        let (_, again) = answered(r.route(threaded(ALICE, "1", "e8f1-4c2a-thread"), NOW));
         assert_eq!(again, text);
     }
 
+    /// alice answered call 16 before call 17 popped her: no answer to 16
+    /// can be on its way, so her plain reply is 17's.
     #[test]
-    fn a_call_decided_before_the_next_pop_no_longer_counts() {
+    fn a_call_the_agent_answered_before_the_next_pop_no_longer_counts() {
         let mut r = router_with(&[(16, &[ALICE])]);
         r.decided(16, "sent to desk");
+        r.left_unanswered(16, vec![], NOW);
         r.open(17);
         pop(&mut r, 17, ALICE, "Call from 555017");
-        assert_eq!(delivered(r.route(reply(ALICE, "1"))).0, "17");
+        assert_eq!(delivered(r.route(reply(ALICE, "1"), NOW)).0, "17");
         // Alone, a decided call still gets the reply: the call core answers
         // that it was already handled.
         r.decided(17, "hung up");
         r.close(16);
-        assert_eq!(delivered(r.route(reply(ALICE, "1"))).0, "17");
+        assert_eq!(delivered(r.route(reply(ALICE, "1"), NOW)).0, "17");
+    }
+
+    /// Call 16 timed out without alice's answer just before call 17 popped
+    /// her: her plain `1` may be a late answer to 16, so for
+    /// [`LATE_REPLY`](crate::claim::LATE_REPLY) after 16 ended it moves
+    /// nothing and she is told to use 17's tag; the tag works at once.
+    /// Over or still connected, the ended call counts the same.
+    #[test]
+    fn a_plain_reply_soon_after_an_unanswered_call_moves_nothing() {
+        let window = crate::claim::LATE_REPLY.as_millis() as u64;
+        for close in [false, true] {
+            let mut r = router_with(&[(16, &[ALICE, BOB])]);
+            r.decided(16, "timeout");
+            r.left_unanswered(16, vec![ALICE.into(), BOB.into()], NOW - 2_000);
+            if close {
+                r.close(16);
+            }
+            r.open(17);
+            pop(&mut r, 17, ALICE, "Call from 555017");
+            let (to, text) = answered(r.route(reply(ALICE, "1"), NOW));
+            assert_eq!(to, ALICE);
+            assert_eq!(
+                text,
+                "Call #16 also popped you and ended 2 s ago without your answer, so your reply \
+                 did nothing: it may have been meant for that call. To answer call #17, start \
+                 your reply with its tag, e.g. \"#17 1\"."
+            );
+            assert_eq!(delivered(r.route(reply(ALICE, "#17 1"), NOW)).0, "17");
+            assert_eq!(delivered(r.route(threaded(ALICE, "1", "17"), NOW)).0, "17");
+            let later = NOW - 2_000 + window;
+            assert_eq!(delivered(r.route(reply(ALICE, "1"), later)).0, "17");
+        }
     }
 
     /// Both pops were in alice's chat while both calls waited: after one
@@ -519,15 +600,15 @@ pub(crate) mod tests {
     fn an_overlap_outlives_the_decision() {
         let mut r = router_with(&[(16, &[ALICE, BOB]), (17, &[ALICE])]);
         r.decided(16, "sent to desk");
-        let (to, text) = answered(r.route(reply(ALICE, "1")));
+        let (to, text) = answered(r.route(reply(ALICE, "1"), NOW));
         assert_eq!(to, ALICE);
         assert!(text.contains("\"#17 1\""), "{text}");
-        assert_eq!(delivered(r.route(reply(ALICE, "#17 1"))).0, "17");
-        assert_eq!(delivered(r.route(threaded(ALICE, "1", "17"))).0, "17");
+        assert_eq!(delivered(r.route(reply(ALICE, "#17 1"), NOW)).0, "17");
+        assert_eq!(delivered(r.route(threaded(ALICE, "1", "17"), NOW)).0, "17");
         // bob's call had no rival.
         r.open(18);
         pop(&mut r, 18, BOB, "Call from 555018");
-        assert_eq!(delivered(r.route(reply(BOB, "1"))).0, "18");
+        assert_eq!(delivered(r.route(reply(BOB, "1"), NOW)).0, "18");
     }
 
     /// A reply to another session's full JID (the daemon's before a
@@ -539,14 +620,14 @@ pub(crate) mod tests {
             to: Addressed::Other("pbx@example.org/old".into()),
             ..reply(ALICE, "1")
         };
-        let (_, text) = answered(r.route(old.clone()));
+        let (_, text) = answered(r.route(old.clone(), NOW));
         assert!(text.starts_with("That pop's call is over"), "{text}");
         assert!(text.contains("#1"), "{text}");
         let tagged = IncomingMessage {
             body: Some("#1 2".into()),
             ..old
         };
-        assert_eq!(delivered(r.route(tagged)), ("1".into(), "2".into()));
+        assert_eq!(delivered(r.route(tagged, NOW)), ("1".into(), "2".into()));
     }
 
     #[test]
@@ -555,27 +636,30 @@ pub(crate) mod tests {
         r.decided(16, "sent to desk");
         r.close(16);
         r.close(17);
-        let (_, text) = answered(r.route(reply(ALICE, "#16 1")));
+        let (_, text) = answered(r.route(reply(ALICE, "#16 1"), NOW));
         assert_eq!(text, "Call #16 was already handled: sent to desk.");
-        let (_, text) = answered(r.route(threaded(ALICE, "1", "17")));
+        let (_, text) = answered(r.route(threaded(ALICE, "1", "17"), NOW));
         assert_eq!(text, "Call #17 is over.");
-        let (_, text) = answered(r.route(reply(ALICE, "1")));
+        let (_, text) = answered(r.route(reply(ALICE, "1"), NOW));
         assert_eq!(text, "No call is waiting for your answer.");
         let mut one = router_with(&[(5, &[BOB])]);
         one.close(5);
-        assert_eq!(answered(one.route(reply(BOB, "1"))).1, "Call #5 is over.");
+        assert_eq!(
+            answered(one.route(reply(BOB, "1"), NOW)).1,
+            "Call #5 is over."
+        );
     }
 
     #[test]
     fn tags_of_calls_the_agent_never_got_are_unknown() {
         let r = router_with(&[(16, &[ALICE]), (17, &[BOB])]);
-        let (to, text) = answered(r.route(reply(ALICE, "#17 1")));
+        let (to, text) = answered(r.route(reply(ALICE, "#17 1"), NOW));
         assert_eq!(to, ALICE);
         assert_eq!(
             text,
             "No call #17 is waiting for you. Waiting: #16 Call from 5550016."
         );
-        let (_, text) = answered(r.route(reply(ALICE, "#99 1")));
+        let (_, text) = answered(r.route(reply(ALICE, "#99 1"), NOW));
         assert!(
             text.starts_with("No call #99 is waiting for you."),
             "{text}"
@@ -586,12 +670,12 @@ pub(crate) mod tests {
     fn strangers_are_ignored() {
         let r = router_with(&[(16, &[ALICE])]);
         assert!(matches!(
-            r.route(reply("mallory@example.org", "1")),
+            r.route(reply("mallory@example.org", "1"), NOW),
             Route::Ignore(_)
         ));
         // Not even a notice: strangers cannot make us write to them.
         assert!(matches!(
-            r.route(reply("mallory@example.org", "#16 1")),
+            r.route(reply("mallory@example.org", "#16 1"), NOW),
             Route::Ignore(_)
         ));
     }
@@ -617,7 +701,10 @@ pub(crate) mod tests {
                 ..reply(ALICE, "")
             },
         ] {
-            assert!(matches!(r.route(msg.clone()), Route::Ignore(_)), "{msg:?}");
+            assert!(
+                matches!(r.route(msg.clone(), NOW), Route::Ignore(_)),
+                "{msg:?}"
+            );
         }
         // Unambiguous ones are still delivered: the call core decides
         // what a delayed or group message means.
@@ -625,7 +712,7 @@ pub(crate) mod tests {
             delayed: true,
             ..reply(ALICE, "#16 1")
         };
-        assert_eq!(delivered(r.route(delayed)).0, "16");
+        assert_eq!(delivered(r.route(delayed, NOW)).0, "16");
     }
 
     #[test]
@@ -642,11 +729,11 @@ pub(crate) mod tests {
             ..reply(ROOM, body)
         };
         // Two calls wait in the room: no question, not even privately.
-        let group = r.route(from_room(MsgKind::Groupchat, "1"));
+        let group = r.route(from_room(MsgKind::Groupchat, "1"), NOW);
         assert!(matches!(group, Route::Ignore(_)), "{group:?}");
-        let private = r.route(from_room(MsgKind::Chat, "1"));
+        let private = r.route(from_room(MsgKind::Chat, "1"), NOW);
         assert!(matches!(private, Route::Ignore(_)), "{private:?}");
-        let tagged = r.route(from_room(MsgKind::Groupchat, "#2 1"));
+        let tagged = r.route(from_room(MsgKind::Groupchat, "#2 1"), NOW);
         assert_eq!(delivered(tagged).0, "2");
     }
 
@@ -656,18 +743,21 @@ pub(crate) mod tests {
         r.open(16);
         pop(&mut r, 16, ALICE, "Call");
         assert_eq!(r.id(16), "a16");
-        assert_eq!(delivered(r.route(reply(ALICE, "#A16 1"))).0, "16");
-        assert_eq!(delivered(r.route(threaded(ALICE, "1", "a16"))).0, "16");
+        assert_eq!(delivered(r.route(reply(ALICE, "#A16 1"), NOW)).0, "16");
+        assert_eq!(delivered(r.route(threaded(ALICE, "1", "a16"), NOW)).0, "16");
         assert_eq!(
-            r.route(reply(ALICE, "#b16 1")),
+            r.route(reply(ALICE, "#b16 1"), NOW),
             Route::Ignore("another daemon's tag")
         );
         assert_eq!(
-            r.route(threaded(ALICE, "1", "b3")),
+            r.route(threaded(ALICE, "1", "b3"), NOW),
             Route::Ignore("another daemon's thread")
         );
         // Not a tag at all: text for the call.
-        assert_eq!(delivered(r.route(reply(ALICE, "#hashtag"))).1, "#hashtag");
+        assert_eq!(
+            delivered(r.route(reply(ALICE, "#hashtag"), NOW)).1,
+            "#hashtag"
+        );
     }
 
     #[test]

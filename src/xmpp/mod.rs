@@ -14,6 +14,7 @@
 //! `trace` for the `tokio_xmpp` target: at that level it logs the raw
 //! stream, SASL exchange included.
 
+mod ended;
 mod error;
 mod login;
 mod session;
@@ -61,6 +62,10 @@ pub enum XmppEvent {
     /// (sent with [`Session::send_tagged`], with their tags, oldest
     /// first); comes just before `Status(Failed)`. Only with a keepalive.
     Unconfirmed(Vec<(u64, OutgoingMessage)>),
+    /// The storage's answer to [`Session::recall`] for this agent: the
+    /// last call that ended without their answer, or why it could not
+    /// say.
+    Recalled(String, Result<Option<crate::claim::Ended>, String>),
 }
 
 impl XmppEvent {
@@ -72,7 +77,9 @@ impl XmppEvent {
             XmppEvent::Presence(p) => Some(Input::Presence(p)),
             XmppEvent::Roster(items) => Some(Input::Roster(items)),
             XmppEvent::Settled(took) => Some(Input::Settled(took)),
-            XmppEvent::RosterUpdate(_) | XmppEvent::Unconfirmed(_) => None,
+            XmppEvent::RosterUpdate(_) | XmppEvent::Unconfirmed(_) | XmppEvent::Recalled(..) => {
+                None
+            }
             XmppEvent::Joined(room, jids) => Some(Input::Joined(room, jids)),
             XmppEvent::RoomFailed(room, cause) => Some(Input::RoomFailed(room, cause)),
         }
@@ -171,6 +178,21 @@ impl Session {
     /// other session before the pop can be answered.
     pub fn announce(&self, status: Option<String>, a: crate::call::Announcement) {
         let _ = self.cmds.send(session::Cmd::Announce(status, a));
+    }
+
+    /// Leave `ended` in the account's private storage as `agent`'s last
+    /// unanswered call, for the account's next sessions. Sent in order
+    /// with the messages and presence.
+    pub fn remember(&self, agent: &str, ended: crate::claim::Ended) {
+        let _ = self
+            .cmds
+            .send(session::Cmd::Remember(agent.to_string(), ended));
+    }
+
+    /// Ask the account's private storage for `agent`'s last unanswered
+    /// call; the answer comes as [`XmppEvent::Recalled`].
+    pub fn recall(&self, agent: &str) {
+        let _ = self.cmds.send(session::Cmd::Recall(agent.to_string()));
     }
 
     /// The next event; `None` once the session has ended. Cancel-safe, so

@@ -21,6 +21,7 @@ use xmpp_parsers::{
     stanza_error::{DefinedCondition, ErrorType, StanzaError},
 };
 
+use super::ended;
 use super::error::{Phase, XmppError, io_reason};
 use super::login::{Connection, Stream, login, send};
 use super::stanza::{
@@ -85,6 +86,10 @@ pub(crate) enum Cmd {
     Presence(Option<String>),
     /// Our presence, with this call's announcement.
     Announce(Option<String>, Announcement),
+    /// Store an agent's last unanswered call (`ended`).
+    Remember(String, crate::claim::Ended),
+    /// Read it back: answered with `XmppEvent::Recalled`.
+    Recall(String),
     Close,
 }
 
@@ -114,6 +119,9 @@ struct Outbox {
     /// Socket offset the server has read up to (its last ping answer).
     read_to: u64,
     last_ping: Instant,
+    /// Storage requests out: (number, agent) of each `Cmd::Recall`.
+    recalls: Vec<(u64, String)>,
+    next_iq: u64,
 }
 
 struct PingOut {
@@ -136,6 +144,8 @@ impl Outbox {
             pings: VecDeque::new(),
             next_ping: 0,
             last_ping: Instant::now(),
+            recalls: Vec::new(),
+            next_iq: 0,
         }
     }
 
@@ -204,6 +214,20 @@ impl Outbox {
             }
             None => self.last_ping + keepalive,
         }
+    }
+
+    /// The answer (result or error) to our recall `id`, if it is one:
+    /// the event for it.
+    fn recalled(
+        &mut self,
+        id: &str,
+        result: Result<Option<&Element>, String>,
+    ) -> Option<XmppEvent> {
+        let n = id.strip_prefix(ended::RECALL_ID)?.parse::<u64>().ok()?;
+        let at = self.recalls.iter().position(|(m, _)| *m == n)?;
+        let (_, agent) = self.recalls.remove(at);
+        let ended = result.map(|payload| ended::recalled(payload, &agent));
+        Some(XmppEvent::Recalled(agent, ended))
     }
 
     fn take(&mut self) -> Vec<(u64, OutgoingMessage)> {
@@ -406,6 +430,18 @@ async fn relay(
                         }
                         None
                     }
+                    Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(Stanza::Iq(
+                        iq @ (Iq::Result { .. } | Iq::Error { .. }),
+                    ))))) if storage_answer(&iq).is_some() => {
+                        let (id, result) = storage_answer(&iq).expect("checked");
+                        let event = outbox.recalled(id, result);
+                        if let Iq::Error { error, .. } = &iq
+                            && id.starts_with(ended::REMEMBER_ID)
+                        {
+                            log::warn!("xmpp: the server did not store an unanswered call: {:?}", error.defined_condition);
+                        }
+                        event
+                    }
                     Some(Ok(FallibleStreamElement::Ok(el))) => match on_element(stream, el, ctx).await {
                         Ok(event) => event,
                         Err(end) => return end,
@@ -440,6 +476,17 @@ async fn relay(
             }
         }
     }
+}
+
+/// The id and outcome of an answer to one of our storage requests.
+fn storage_answer(iq: &Iq) -> Option<(&str, Result<Option<&Element>, String>)> {
+    let (id, result) = match iq {
+        Iq::Result { id, payload, .. } => (id, Ok(payload.as_ref())),
+        Iq::Error { id, error, .. } => (id, Err(format!("{:?}", error.defined_condition))),
+        _ => return None,
+    };
+    let ours = id.starts_with(ended::RECALL_ID) || id.starts_with(ended::REMEMBER_ID);
+    ours.then_some((id.as_str(), result))
 }
 
 /// Write one element. With `watch` (the keepalive), a write that waits
@@ -691,6 +738,22 @@ async fn handle_cmd(
         },
         Cmd::Presence(status) => own_presence(status.as_deref()).into(),
         Cmd::Announce(status, a) => announcing_presence(status.as_deref(), &a).into(),
+        Cmd::Remember(agent, e) => {
+            outbox.next_iq += 1;
+            ended::remember(
+                format!("{}{}", ended::REMEMBER_ID, outbox.next_iq),
+                &agent,
+                &e,
+            )
+            .into()
+        }
+        Cmd::Recall(agent) => {
+            outbox.next_iq += 1;
+            let n = outbox.next_iq;
+            let iq = ended::recall(format!("{}{n}", ended::RECALL_ID), &agent);
+            outbox.recalls.push((n, agent));
+            iq.into()
+        }
     };
     write(
         stream,
