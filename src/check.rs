@@ -132,12 +132,14 @@ fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize, usi
                 if let Some(why) = conn.unbound.filter(|_| account.usetls) {
                     println!("account [{name}]: note: no channel binding: {why}");
                 }
-                let software = rt.block_on(async {
+                let (software, storage) = rt.block_on(async {
                     let software = conn.server_software(SOFTWARE_WAIT).await;
+                    let storage = conn.private_storage(SOFTWARE_WAIT).await;
                     conn.close().await;
-                    software
+                    (software, storage)
                 });
                 println!("account [{name}]: {}", sessions_note(&software));
+                println!("account [{name}]: {}", storage_note(&storage));
             }
             Err(e) => {
                 failed += 1;
@@ -170,6 +172,20 @@ fn logins(config: &Config, presence_wait: Duration) -> Result<(usize, usize, usi
         }
     }
     Ok((failed, unseen, rooms))
+}
+
+/// What the account's private storage means for per-call mode.
+fn storage_note(storage: &Result<(), String>) -> String {
+    match storage {
+        Ok(()) => "private storage (XEP-0049): yes: per-call processes tell a late answer \
+                   to a call that ended from an answer to the next one (`late_reply`)"
+            .to_string(),
+        Err(why) => format!(
+            "note: no private storage (XEP-0049: {why}): in per-call mode a late answer \
+             to a call that ended can move the next one; enable it on the server \
+             (prosody: mod_private, ejabberd: mod_private) or use `popivr serve`"
+        ),
+    }
 }
 
 /// Join each room a profile of `account` posts to, as a call does, and

@@ -51,7 +51,8 @@ use crate::serve::router::split_tag;
 /// For how long after a call that popped an agent ended without their
 /// answer a reply of theirs with no thread or tag moves no other call: it
 /// may be a late answer to the call that ended, written before the agent
-/// saw it end (or saw the next pop). Both modes.
+/// saw it end (or saw the next pop). Both modes; the default of the
+/// profile key `late_reply`, which the call that ended brings.
 pub const LATE_REPLY: Duration = Duration::from_secs(10);
 
 /// A call that ended without an agent's answer.
@@ -61,6 +62,9 @@ pub struct Ended {
     pub call: String,
     /// When, in milliseconds since the Unix epoch.
     pub at: u64,
+    /// How long a late answer to it is expected (its profile's
+    /// `late_reply`).
+    pub window: Duration,
 }
 
 impl Ended {
@@ -69,7 +73,7 @@ impl Ended {
     /// clock) counts as now, unless it is further ahead than the window
     /// itself: that is a wrong clock, not a call.
     pub fn recent(&self, now: u64) -> Option<Duration> {
-        let window = LATE_REPLY.as_millis() as u64;
+        let window = self.window.as_millis() as u64;
         let ago = now.abs_diff(self.at);
         (ago < window).then(|| Duration::from_millis(now.saturating_sub(self.at)))
     }

@@ -159,9 +159,9 @@ pub trait Link: Send {
     /// The call has taken its action (described by `outcome`).
     fn decided(&mut self, _outcome: &str) {}
     /// These agents were popped and did not answer (`Call::unanswered`),
-    /// now that the call took its action or, if it never did, is over.
-    /// Called once.
-    fn left_unanswered(&mut self, _agents: Vec<String>) {}
+    /// now that the call took its action or, if it never did, is over;
+    /// a late answer of theirs may come within `window`. Called once.
+    fn left_unanswered(&mut self, _agents: Vec<String>, _window: Duration) {}
     /// The next XMPP input for the call; pends for ever when none can come.
     /// Must be cancel-safe: it sits in a `select!`.
     fn recv(&mut self) -> impl Future<Output = Input> + Send;
@@ -266,7 +266,9 @@ where
     reader.abort();
     if !shell.decided {
         // Over without an action of its own (the caller hung up, a stop).
-        shell.link.left_unanswered(call.unanswered());
+        shell
+            .link
+            .left_unanswered(call.unanswered(), call.late_reply());
     }
     shell.link.close().await;
     end
@@ -314,7 +316,8 @@ impl<L: Link> Shell<'_, L> {
             self.decided = true;
             // What it leaves unanswered is stored before the account's
             // other sessions hear that it decided.
-            self.link.left_unanswered(call.unanswered());
+            self.link
+                .left_unanswered(call.unanswered(), call.late_reply());
             self.link.decided(outcome);
         }
         out.send(batch);
@@ -475,14 +478,16 @@ impl Link for OwnSession {
         self.announce(now);
     }
 
-    fn left_unanswered(&mut self, agents: Vec<String>) {
+    fn left_unanswered(&mut self, agents: Vec<String>, window: Duration) {
         // Before the session closes: the server handles it before it
         // handles the close, and so before any later call's read.
-        let Some(session) = &self.session else { return };
+        let Some(session) = self.session.as_ref().filter(|_| !window.is_zero()) else {
+            return;
+        };
         let at = wall_ms();
         for agent in agents {
             let call = self.claims.call().to_string();
-            session.remember(&agent, Ended { call, at });
+            session.remember(&agent, Ended { call, at, window });
         }
     }
 

@@ -184,6 +184,11 @@ fn an_invalid_file_names_file_and_line() {
 /// her presence: it passes, whatever the server says of itself. Returns
 /// check's line about the server's software and session limit.
 fn server_line(server: &impl Server) -> String {
+    one_line(&passing_check(server), "account [pbx]: server ")
+}
+
+/// Its output, which says the check passed.
+fn passing_check(server: &impl Server) -> String {
     let path = server.scratch_dir().join("popivr.conf");
     let text = format!(
         "{}[sales]\ntype = profile\naccount = pbx\ntargets = {}\npresence = any\n",
@@ -194,14 +199,59 @@ fn server_line(server: &impl Server) -> String {
     let (out, text) = check(&path, &["--presence-wait", "0.5"]);
     assert!(out.status.success(), "{}: {text}", server.name());
     assert!(text.contains("check passed"), "{text}");
-    let mut lines = text
-        .lines()
-        .filter(|l| l.starts_with("account [pbx]: server "));
+    text
+}
+
+/// The one line of `text` that starts with `prefix`.
+fn one_line(text: &str, prefix: &str) -> String {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
     let line = lines
         .next()
-        .unwrap_or_else(|| panic!("no server line:\n{text}"));
-    assert_eq!(lines.next(), None, "one server line per account:\n{text}");
+        .unwrap_or_else(|| panic!("no `{prefix}` line:\n{text}"));
+    assert_eq!(
+        lines.next(),
+        None,
+        "one `{prefix}` line per account:\n{text}"
+    );
     line.to_string()
+}
+
+/// Stock prosody and ejabberd keep the account's private storage, which
+/// per-call processes use to tell late answers (`late_reply`); check
+/// says so.
+#[test]
+fn check_finds_the_private_storage_on_both_servers() {
+    let users = [("pbx", PBX_PW), ("alice", ALICE_PW)];
+    let prosody = Prosody::start_with(&users);
+    let ejabberd = Ejabberd::start_with(&users);
+    for text in [passing_check(&prosody), passing_check(&ejabberd)] {
+        assert_eq!(
+            one_line(&text, "account [pbx]: private storage"),
+            "account [pbx]: private storage (XEP-0049): yes: per-call processes tell a late \
+             answer to a call that ended from an answer to the next one (`late_reply`)"
+        );
+    }
+}
+
+/// A server without it: check names what per-call mode loses and the two
+/// ways out, as advice (it still passes).
+#[test]
+fn a_server_without_private_storage_is_named() {
+    let server = Prosody::builder()
+        .without_private()
+        .user("pbx", PBX_PW)
+        .user("alice", ALICE_PW)
+        .start();
+    let line = one_line(
+        &passing_check(&server),
+        "account [pbx]: note: no private storage",
+    );
+    assert_eq!(
+        line,
+        "account [pbx]: note: no private storage (XEP-0049: refused: service-unavailable): in \
+         per-call mode a late answer to a call that ended can move the next one; enable it on \
+         the server (prosody: mod_private, ejabberd: mod_private) or use `popivr serve`"
+    );
 }
 
 /// [`server_line`] on a fresh server of kind `S`, which must name itself

@@ -203,6 +203,26 @@ fn defaults() {
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
 
+/// `late_reply`: 10 s unless set; `0` turns the rule off; anything but
+/// seconds is refused.
+#[test]
+fn late_reply_is_seconds_or_off() {
+    let with = |v: &str| {
+        let line = match v {
+            "" => String::new(),
+            v => format!("late_reply = {v}\n"),
+        };
+        format!("[p]\ntype = profile\nkey = 1 -> continue vm\n{line}")
+    };
+    let secs = |v: &str| load(&with(v)).profiles["p"].late_reply;
+    assert_eq!(secs(""), Duration::from_secs(10));
+    assert_eq!(secs("0"), Duration::ZERO);
+    assert_eq!(secs("2.5"), Duration::from_millis(2500));
+    for bad in ["-1", "soon", "0.0"] {
+        has(&problems(&with(bad)), "p.conf:4", "[p] late_reply:");
+    }
+}
+
 #[test]
 fn a_keys_only_profile_needs_no_account() {
     let c = load("[night]\ntype = profile\nkey = 1 -> continue vm\ndefault = hangup\n");

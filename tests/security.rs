@@ -443,6 +443,43 @@ async fn a_reply_to_a_previous_call_does_not_act_on_the_next_on_ejabberd() {
     previous_call(&desk_ejabberd(), Reroute::RewritesTo).await;
 }
 
+/// A server without private storage (XEP-0049; prosody's stock config
+/// has it, this one leaves it out): the next call cannot learn that call 1
+/// ended without alice's answer. Its log says so once, at the pop, naming
+/// the consequence, and a plain answer moves the call that is waiting,
+/// as SECURITY.md says.
+#[tokio::test]
+async fn without_private_storage_the_log_says_what_is_lost() {
+    let server = Prosody::builder()
+        .without_private()
+        .user("pbx", PBX_PW)
+        .user("alice", ALICE_PW)
+        .start();
+    let desk = desk_with_alice(&server).await;
+    let first = sales_call(
+        &server,
+        ("first-call", "First", 1),
+        ("5551111", 10),
+        "im alice receives: First call from 5551111*\n\
+         expect: V,POPIVR_ACTION=timeout,*\nexpect: E,*\n\
+         im alice receives: First: *timeout*\nexits-within: 2s\n",
+    );
+    passed(run(first, Steps::all(&desk)).await);
+    let second = sales_call(
+        &server,
+        ("second-call", "Second", 60),
+        ("5552222", 10),
+        "im alice receives: Second call from 5552222*\n\
+         im alice says: 1\n\
+         expect: V,POPIVR_ACTION=desk,POPIVR_REPLY=1,*\nexpect: E,*\n\
+         im alice receives: Second: sent to desk\nexits-within: 2s\n\
+         stderr-has: *the server keeps no private storage (XEP-0049: *): a late answer to a \
+         call that ended can move the next one*\n",
+    );
+    passed(run(second, Steps::all(&desk)).await);
+    desk.close().await;
+}
+
 /// What a server does with a chat for a full JID that is gone.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reroute {

@@ -289,6 +289,12 @@ impl Call {
             .collect()
     }
 
+    /// How long after its end a plain reply of an agent it did not hear
+    /// from moves no other call (the profile's `late_reply`).
+    pub fn late_reply(&self) -> Duration {
+        self.profile.late_reply
+    }
+
     /// The first outputs of the call: hold audio first of all, then the
     /// variable reads, the XMPP login and the reply timer.
     pub fn start(&mut self) -> Vec<Output> {

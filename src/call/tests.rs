@@ -59,6 +59,7 @@ fn profile() -> Profile {
         presence: PresencePolicy::Any,
         nobody: Nobody::Default,
         presence_wait: Duration::from_millis(1500),
+        late_reply: crate::claim::LATE_REPLY,
         taken: "taken by $agent$: $outcome$".into(),
         missed: "Missed call from $caller$".into(),
         url: None,

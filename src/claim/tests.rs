@@ -93,6 +93,7 @@ impl Account {
                     Ended {
                         call: call.clone(),
                         at,
+                        window: LATE_REPLY,
                     },
                 );
             }
@@ -299,6 +300,7 @@ fn a_reply_before_the_storage_answers_waits_for_it() {
     let old = Ended {
         call: "aaaaaa01".into(),
         at: NOW - 2_000,
+        window: LATE_REPLY,
     };
     c.recalled(ALICE, Some(old.clone()));
     assert!(matches!(c.claim(reply(ALICE, "1"), NOW), Claim::Answer(_)));
@@ -330,6 +332,7 @@ fn an_end_time_from_another_clock() {
     let at = |at| Ended {
         call: "aaaaaa01".into(),
         at,
+        window: LATE_REPLY,
     };
     assert_eq!(at(NOW + 2_000).recent(NOW), Some(Duration::ZERO));
     assert_eq!(at(NOW + 3_600_000).recent(NOW), None);

@@ -132,6 +132,7 @@ const PROFILE_KEYS: &[&str] = &[
     "presence",
     "nobody",
     "presence_wait",
+    "late_reply",
     "taken",
     "missed",
     "url",
@@ -1280,6 +1281,15 @@ fn profile(
         }),
     };
 
+    let late_reply = match s.get("late_reply") {
+        None => crate::claim::LATE_REPLY,
+        Some(e) if e.value.trim() == "0" => Duration::ZERO,
+        Some(e) => seconds(&e.value).unwrap_or_else(|r| {
+            sink.invalid(s, e, r);
+            crate::claim::LATE_REPLY
+        }),
+    };
+
     let room = match s.get("room") {
         None => {
             for key in ["nick", "room_allow"] {
@@ -1605,6 +1615,7 @@ fn profile(
         presence,
         nobody,
         presence_wait,
+        late_reply,
         taken: taken.map_or_else(|| DEFAULT_TAKEN.to_string(), |(t, _)| t),
         missed: missed.map_or_else(|| DEFAULT_MISSED.to_string(), |(t, _)| t),
         url: url.map(|(u, _)| u),

@@ -41,7 +41,7 @@ enum Cmd {
     Send(u64, OutgoingMessage),
     Decided(u64, String),
     /// The call's agents that did not answer it (`Link::left_unanswered`).
-    Unanswered(u64, Vec<String>),
+    Unanswered(u64, Vec<String>, Duration),
     Close(u64),
     /// New settings (after a reload); a change logs in again.
     Account(Box<Account>, SessionOptions),
@@ -170,9 +170,9 @@ impl Link for HubLink {
         self.hub.cmd(Cmd::Decided(self.n, outcome.to_string()));
     }
 
-    fn left_unanswered(&mut self, agents: Vec<String>) {
-        if self.opened {
-            self.hub.cmd(Cmd::Unanswered(self.n, agents));
+    fn left_unanswered(&mut self, agents: Vec<String>, window: Duration) {
+        if self.opened && !window.is_zero() {
+            self.hub.cmd(Cmd::Unanswered(self.n, agents, window));
         }
     }
 
@@ -349,9 +349,9 @@ impl State {
                 }
             }
             Cmd::Decided(n, outcome) => self.router.decided(n, &outcome),
-            Cmd::Unanswered(n, agents) => {
-                self.router
-                    .left_unanswered(n, agents, crate::run::wall_ms())
+            Cmd::Unanswered(n, agents, window) => {
+                let now = crate::run::wall_ms();
+                self.router.left_unanswered(n, agents, now, window)
             }
             Cmd::Close(n) => {
                 self.router.close(n);

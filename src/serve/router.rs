@@ -65,6 +65,8 @@ struct Entry {
     /// (or ended): a plain reply of theirs soon after may be for it.
     unanswered: Vec<String>,
     ended_at: Option<u64>,
+    /// How long after that a late answer is expected.
+    late_window: std::time::Duration,
 }
 
 #[derive(Debug, Default)]
@@ -108,6 +110,7 @@ impl Router {
                 contested: BTreeSet::new(),
                 unanswered: Vec::new(),
                 ended_at: None,
+                late_window: std::time::Duration::ZERO,
             },
         );
     }
@@ -167,11 +170,19 @@ impl Router {
     }
 
     /// Call `n` took its action, or ended without one, at `now` (ms since
-    /// the Unix epoch) without an answer from these agents.
-    pub fn left_unanswered(&mut self, n: u64, agents: Vec<String>, now: u64) {
+    /// the Unix epoch) without an answer from these agents; a late answer
+    /// of theirs may come within `window`.
+    pub fn left_unanswered(
+        &mut self,
+        n: u64,
+        agents: Vec<String>,
+        now: u64,
+        window: std::time::Duration,
+    ) {
         if let Some(entry) = self.calls.get_mut(&Key(n)) {
             entry.unanswered = agents;
             entry.ended_at = Some(now);
+            entry.late_window = window;
         }
     }
 
@@ -186,6 +197,7 @@ impl Router {
                 let ended = Ended {
                     call: self.id(k.0),
                     at,
+                    window: e.late_window,
                 };
                 Some((at, k.0, ended.recent(now)?))
             })
@@ -551,7 +563,7 @@ pub(crate) mod tests {
     fn a_call_the_agent_answered_before_the_next_pop_no_longer_counts() {
         let mut r = router_with(&[(16, &[ALICE])]);
         r.decided(16, "sent to desk");
-        r.left_unanswered(16, vec![], NOW);
+        r.left_unanswered(16, vec![], NOW, crate::claim::LATE_REPLY);
         r.open(17);
         pop(&mut r, 17, ALICE, "Call from 555017");
         assert_eq!(delivered(r.route(reply(ALICE, "1"), NOW)).0, "17");
@@ -573,7 +585,12 @@ pub(crate) mod tests {
         for close in [false, true] {
             let mut r = router_with(&[(16, &[ALICE, BOB])]);
             r.decided(16, "timeout");
-            r.left_unanswered(16, vec![ALICE.into(), BOB.into()], NOW - 2_000);
+            r.left_unanswered(
+                16,
+                vec![ALICE.into(), BOB.into()],
+                NOW - 2_000,
+                crate::claim::LATE_REPLY,
+            );
             if close {
                 r.close(16);
             }
@@ -592,6 +609,17 @@ pub(crate) mod tests {
             let later = NOW - 2_000 + window;
             assert_eq!(delivered(r.route(reply(ALICE, "1"), later)).0, "17");
         }
+    }
+
+    /// `late_reply = 0` on the call that ended: no window at all.
+    #[test]
+    fn a_call_with_no_late_reply_window_holds_nothing_back() {
+        let mut r = router_with(&[(16, &[ALICE])]);
+        r.decided(16, "timeout");
+        r.left_unanswered(16, vec![ALICE.into()], NOW, std::time::Duration::ZERO);
+        r.open(17);
+        pop(&mut r, 17, ALICE, "Call from 555017");
+        assert_eq!(delivered(r.route(reply(ALICE, "1"), NOW)).0, "17");
     }
 
     /// Both pops were in alice's chat while both calls waited: after one

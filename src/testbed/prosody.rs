@@ -10,14 +10,21 @@ use super::{DOMAIN, Error, Install, ServerBase, TestCa, ensure_installed};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The modules a test prosody loads: those of Debian's stock
+/// `prosody.cfg.lua` that popivr meets (roster, login, TLS, disco, ping,
+/// carbons, private storage, time, software version).
+const MODULES: &[&str] = &[
+    "roster", "saslauth", "tls", "disco", "ping", "carbons", "private", "time", "version",
+];
+
 /// How a test server is set up.
 #[derive(Clone)]
 pub struct Builder {
     domain: String,
     hosts: Vec<String>,
     plaintext: bool,
-    /// Answer XEP-0092 software version requests (mod_version).
-    version: bool,
+    /// Modules of [`MODULES`] left out.
+    left_out: Vec<&'static str>,
     /// (user, host, password); host `None` is the main domain.
     users: Vec<(String, Option<String>, String)>,
     cert_names: Option<Vec<String>>,
@@ -36,7 +43,7 @@ impl std::fmt::Debug for Builder {
             .field("domain", &self.domain)
             .field("hosts", &self.hosts)
             .field("plaintext", &self.plaintext)
-            .field("version", &self.version)
+            .field("left_out", &self.left_out)
             .field("users", &users)
             .field("cert_names", &self.cert_names)
             .field("install", &self.install)
@@ -50,7 +57,7 @@ impl Default for Builder {
             domain: DOMAIN.to_owned(),
             hosts: Vec::new(),
             plaintext: false,
-            version: true,
+            left_out: Vec::new(),
             users: Vec::new(),
             cert_names: None,
             install: Install::Quiet,
@@ -68,7 +75,14 @@ impl Builder {
     /// Leave mod_version out (prosody's stock config loads it): the server
     /// refuses to name its software (XEP-0092).
     pub fn without_version(mut self) -> Self {
-        self.version = false;
+        self.left_out.push("version");
+        self
+    }
+
+    /// Leave mod_private out (prosody's stock config loads it): the server
+    /// keeps no private XML storage (XEP-0049).
+    pub fn without_private(mut self) -> Self {
+        self.left_out.push("private");
         self
     }
 
@@ -156,7 +170,7 @@ impl Builder {
                 child: None,
             },
             plaintext: self.plaintext,
-            version: self.version,
+            left_out: self.left_out.clone(),
         };
         // Registration and start-up are separate processes: overlap them.
         let t0 = Instant::now();
@@ -188,7 +202,7 @@ impl Builder {
 pub struct Prosody {
     base: ServerBase,
     plaintext: bool,
-    version: bool,
+    left_out: Vec<&'static str>,
 }
 
 impl std::ops::Deref for Prosody {
@@ -267,7 +281,12 @@ impl Prosody {
     fn write_config(&self, path: &Path) -> Result<(), Error> {
         let d = self.dir.path().display();
         let encryption = if self.plaintext { "false" } else { "true" };
-        let version = if self.version { "; \"version\"" } else { "" };
+        let modules: Vec<String> = MODULES
+            .iter()
+            .filter(|m| !self.left_out.contains(m))
+            .map(|m| format!("\"{m}\""))
+            .collect();
+        let modules = modules.join("; ");
         let extra_hosts: String = self
             .hosts
             .iter()
@@ -291,7 +310,7 @@ c2s_direct_tls_ports = {{}}
 legacy_ssl_ports = {{}}
 s2s_ports = {{}}
 component_ports = {{}}
-modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "carbons"; "private"; "time"{version} }}
+modules_enabled = {{ {modules} }}
 modules_disabled = {{ "s2s"; "s2s_auth_certs" }}
 authentication = "internal_hashed"
 storage = "internal"

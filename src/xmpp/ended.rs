@@ -10,6 +10,8 @@ use xmpp_parsers::{
     minidom::{Element, rxml::NcName},
 };
 
+use std::time::Duration;
+
 use crate::claim::Ended;
 
 const PRIVATE: &str = "jabber:iq:private";
@@ -44,12 +46,14 @@ fn query(child: Element) -> Element {
 }
 
 /// Store `ended` as `agent`'s last unanswered call:
-/// `<ended xmlns='urn:x-popivr:ended:AGENT' call='ID'>MS</ended>`.
+/// `<ended xmlns='urn:x-popivr:ended:AGENT' call='ID' window='MS'>MS</ended>`
+/// (the window: its profile's `late_reply`; the text: when it ended).
 pub(super) fn remember(id: String, agent: &str, ended: &Ended) -> Iq {
     // The time as text: prosody stores an element only if it has content
     // (an empty one deletes the entry).
     let el = Element::builder(NAME, namespace(agent))
         .attr(attr("call"), ended.call.as_str())
+        .attr(attr("window"), ended.window.as_millis().to_string())
         .append(ended.at.to_string())
         .build();
     Iq::Set {
@@ -76,10 +80,12 @@ pub(super) fn recalled(payload: Option<&Element>, agent: &str) -> Option<Ended> 
     let el = payload?.get_child(NAME, namespace(agent).as_str())?;
     let call = el.attr("call")?;
     let at = el.text().trim().parse().ok()?;
+    let window = Duration::from_millis(el.attr("window")?.parse().ok()?);
     let id_like = (1..=32).contains(&call.len()) && call.bytes().all(|b| b.is_ascii_alphanumeric());
     id_like.then(|| Ended {
         call: call.to_string(),
         at,
+        window,
     })
 }
 
@@ -92,6 +98,7 @@ mod tests {
         let ended = Ended {
             call: "1f3a2b4c5".into(),
             at: 1_765_000_000_123,
+            window: Duration::from_millis(10_500),
         };
         let Iq::Set { payload, .. } = remember("r".into(), "alice@example.org", &ended) else {
             panic!("a set");
@@ -119,6 +126,7 @@ mod tests {
         let odd = query(
             Element::builder(NAME, namespace("a@b"))
                 .attr(attr("call"), "x y")
+                .attr(attr("window"), "10")
                 .append("12")
                 .build(),
         );

@@ -1,5 +1,6 @@
-//! `popivr check`'s question to the server: which software it runs
-//! (XEP-0092, `jabber:iq:version`). XMPP has no standard way to read a
+//! `popivr check`'s questions to the server: which software it runs
+//! (XEP-0092, `jabber:iq:version`), and whether it keeps the account's
+//! private storage (XEP-0049) that per-call processes use. XMPP has no standard way to read a
 //! server's limits, such as sessions per account; its software is the one
 //! hint a client can get without disturbing anyone. Asked over the login's
 //! own stream, before initial presence: no second session, and nobody
@@ -46,6 +47,37 @@ impl Connection {
     pub async fn server_software(&mut self, within: Duration) -> Result<Software, String> {
         let server = Jid::from(BareJid::from(self.jid.domain()));
         let ask = Iq::from_get(VERSION_ID, VersionQuery).with_to(server.clone());
+        let payload = self.ask(ask, Some(server), within).await?;
+        payload
+            .and_then(|p| VersionResult::try_from(p).ok())
+            .map(|v| Software {
+                name: shown(&v.name),
+                version: shown(&v.version),
+            })
+            .ok_or_else(|| "an answer without a name".to_string())
+    }
+
+    /// Whether the account's private XML storage (XEP-0049) answers, as
+    /// per-call processes read it after each pop ([`super::ended`]); the
+    /// error says why not, as [`Connection::server_software`]'s does.
+    pub async fn private_storage(&mut self, within: Duration) -> Result<(), String> {
+        let agent = self.jid.to_bare().to_string();
+        let ask = super::ended::recall(format!("{}check", super::ended::RECALL_ID), &agent);
+        self.ask(ask, None, within).await.map(drop)
+    }
+
+    /// Send `ask` and wait at most `within` for its answer from `from`
+    /// (`None`: our own account): the result's payload, or why there is
+    /// none.
+    async fn ask(
+        &mut self,
+        ask: Iq,
+        from: Option<Jid>,
+        within: Duration,
+    ) -> Result<Option<xmpp_parsers::minidom::Element>, String> {
+        let id = ask.id().to_string();
+        let own = Jid::from(self.jid.to_bare());
+        let from = from.unwrap_or(own);
         let exchange = async {
             let ask = XmppStreamElement::Stanza(ask.into());
             send(&mut self.stream, &ask, Phase::Bind).await?;
@@ -54,19 +86,11 @@ impl Connection {
                     XmppStreamElement::Stanza(Stanza::Iq(iq)) => iq,
                     _ => continue,
                 };
-                // Only the server's own answer counts: anyone may send
+                // Only the answer of whom we asked counts: anyone may send
                 // an iq to our full JID.
-                let ours = iq.id() == VERSION_ID && iq.from().is_none_or(|f| *f == server);
+                let ours = iq.id() == id && iq.from().is_none_or(|f| *f == from);
                 match iq {
-                    Iq::Result { payload, .. } if ours => {
-                        return Ok(payload
-                            .and_then(|p| VersionResult::try_from(p).ok())
-                            .map(|v| Software {
-                                name: shown(&v.name),
-                                version: shown(&v.version),
-                            })
-                            .ok_or_else(|| "an answer without a name".to_string()));
-                    }
+                    Iq::Result { payload, .. } if ours => return Ok(Ok(payload)),
                     Iq::Error { error, .. } if ours => {
                         return Ok(Err(format!(
                             "refused: {}",
