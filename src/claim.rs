@@ -23,14 +23,15 @@
 //!    this session or to the bare JID (not to another session's full JID),
 //!    no other call was waiting for this agent at any moment since this
 //!    call popped them ("contested" below), and no other call that popped
-//!    them ended without their answer less than [`LATE_REPLY`] ago.
+//!    them ended less than its [`LATE_REPLY`] ago.
 //!
-//! The last rule is for a late answer to a call that is over: some servers
+//! The last rule is for a late answer to a call that is over (a first
+//! answer, or a second one from the agent who decided it): some servers
 //! (ejabberd) hand a chat for a session that is gone to another one as if
 //! written to it, and most clients send no thread, so only the time tells
 //! it from an answer to the next pop. A process cannot ask the one that
-//! ended, so each leaves the time it ended, per agent it did not hear
-//! from, in the account's private storage (XEP-0049: stock on prosody and
+//! ended, so each leaves the time it ended, per agent it popped, in the
+//! account's private storage (XEP-0049: stock on prosody and
 //! ejabberd), and each reads it for the agents it pops, just after the
 //! pop ([`Claims::recalled`]); a reply that comes before that answer waits
 //! for it ([`Claim::Wait`]). The server handles our stanzas in order, so
@@ -48,14 +49,14 @@ use std::time::Duration;
 use crate::call::{Addressed, Announcement, IncomingMessage, MsgKind, OutgoingMessage};
 use crate::serve::router::split_tag;
 
-/// For how long after a call that popped an agent ended without their
-/// answer a reply of theirs with no thread or tag moves no other call: it
-/// may be a late answer to the call that ended, written before the agent
-/// saw it end (or saw the next pop). Both modes; the default of the
-/// profile key `late_reply`, which the call that ended brings.
+/// For how long after a call that popped an agent ended a reply of theirs
+/// with no thread or tag moves no other call: it may be a late answer to
+/// the call that ended, written before the agent saw it end (or saw the
+/// next pop). Both modes; the default of the profile key `late_reply`,
+/// which the call that ended brings.
 pub const LATE_REPLY: Duration = Duration::from_secs(10);
 
-/// A call that ended without an agent's answer.
+/// A call that popped an agent and ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ended {
     /// Its id.
@@ -84,9 +85,9 @@ impl Ended {
 pub fn late_notice(ended: &str, ago: Duration, tag: &str, body: &str) -> String {
     let example: String = body.chars().take(20).collect();
     format!(
-        "Call {ended} also popped you and ended {} s ago without your answer, so your reply \
-         did nothing: it may have been meant for that call. To answer call {tag}, start your \
-         reply with its tag, e.g. \"{tag} {example}\".",
+        "Call {ended} also popped you and ended {} s ago, so your reply did nothing: it may \
+         have been meant for that call. To answer call {tag}, start your reply with its tag, \
+         e.g. \"{tag} {example}\".",
         ago.as_secs().max(1)
     )
 }
@@ -101,7 +102,7 @@ pub enum Claim {
     /// Not ours, and another session answers (or nobody need); the reason
     /// is for a debug log.
     Ignore(&'static str),
-    /// Ours unless the agent's last unanswered call ended just before:
+    /// Ours unless the agent's last call ended just before:
     /// ask again once the storage has answered ([`Claims::recalled`]).
     Wait(IncomingMessage),
 }
@@ -136,9 +137,9 @@ pub struct Claims {
     /// Agents for whom another call was waiting at some moment since we
     /// popped them: a reply of theirs needs a thread or a tag.
     contested: BTreeSet<String>,
-    /// Agents whose last unanswered call we asked the storage for.
+    /// Agents whose last ended call we asked the storage for.
     recalling: BTreeSet<String>,
-    /// The last other call that ended without each agent's answer.
+    /// The last other call that popped each agent and ended.
     ended: BTreeMap<String, Ended>,
 }
 
@@ -162,7 +163,7 @@ impl Claims {
 
     /// Our call is about to send `msg`. Returns the announcement to send
     /// first when it is a pop to an agent we had not popped yet; the shell
-    /// then reads that agent's last unanswered call from the storage, after
+    /// then reads that agent's last ended call from the storage, after
     /// the pop, and hands the answer to [`Claims::recalled`].
     pub fn sending(&mut self, msg: &OutgoingMessage) -> Option<Announcement> {
         let pop = msg.thread.as_deref() == Some(self.call.as_str())
@@ -393,5 +394,7 @@ pub fn looks_like_call_id(s: &str) -> bool {
     (6..=16).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod tests;

@@ -158,10 +158,10 @@ pub trait Link: Send {
     fn send(&mut self, msg: OutgoingMessage, log: &Logger);
     /// The call has taken its action (described by `outcome`).
     fn decided(&mut self, _outcome: &str) {}
-    /// These agents were popped and did not answer (`Call::unanswered`),
-    /// now that the call took its action or, if it never did, is over;
-    /// a late answer of theirs may come within `window`. Called once.
-    fn left_unanswered(&mut self, _agents: Vec<String>, _window: Duration) {}
+    /// The call is over for these agents (`Call::asked`): it took its
+    /// action or, if it never did, ended. Answers they wrote for it may
+    /// still come within `window`. Called once.
+    fn answers_may_follow(&mut self, _agents: Vec<String>, _window: Duration) {}
     /// The next XMPP input for the call; pends for ever when none can come.
     /// Must be cancel-safe: it sits in a `select!`.
     fn recv(&mut self) -> impl Future<Output = Input> + Send;
@@ -268,7 +268,7 @@ where
         // Over without an action of its own (the caller hung up, a stop).
         shell
             .link
-            .left_unanswered(call.unanswered(), call.late_reply());
+            .answers_may_follow(call.asked(), call.late_reply());
     }
     shell.link.close().await;
     end
@@ -314,10 +314,10 @@ impl<L: Link> Shell<'_, L> {
             && let Some(outcome) = call.outcome()
         {
             self.decided = true;
-            // What it leaves unanswered is stored before the account's
+            // That answers may follow is stored before the account's
             // other sessions hear that it decided.
             self.link
-                .left_unanswered(call.unanswered(), call.late_reply());
+                .answers_may_follow(call.asked(), call.late_reply());
             self.link.decided(outcome);
         }
         out.send(batch);
@@ -478,7 +478,7 @@ impl Link for OwnSession {
         self.announce(now);
     }
 
-    fn left_unanswered(&mut self, agents: Vec<String>, window: Duration) {
+    fn answers_may_follow(&mut self, agents: Vec<String>, window: Duration) {
         // Before the session closes: the server handles it before it
         // handles the close, and so before any later call's read.
         let Some(session) = self.session.as_ref().filter(|_| !window.is_zero()) else {

@@ -431,7 +431,7 @@ async fn subscribe(server: &dyn Server, agent: &mut TestAgent) {
 /// why (once); only her answer with call 2's tag decides it.
 #[tokio::test]
 async fn a_reply_to_a_previous_call_does_not_act_on_the_next() {
-    previous_call(&desk_server(), Reroute::KeepsTo).await;
+    previous_call(&desk_server(), Reroute::KeepsTo, &|| ()).await;
 }
 
 /// On ejabberd the same. ejabberd hands the answer for the finished
@@ -440,7 +440,17 @@ async fn a_reply_to_a_previous_call_does_not_act_on_the_next() {
 /// answer moments before, so it moves nothing (the late-answer window).
 #[tokio::test]
 async fn a_reply_to_a_previous_call_does_not_act_on_the_next_on_ejabberd() {
-    previous_call(&desk_ejabberd(), Reroute::RewritesTo).await;
+    let server = desk_ejabberd();
+    // A chat for a session ejabberd still holds (its close not handled
+    // yet, on a loaded machine) goes to that session and is lost: the
+    // reply must meet the next call's session, as it does seconds later.
+    let gone = || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while server.session_count("pbx").unwrap() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    previous_call(&server, Reroute::RewritesTo, &gone).await;
 }
 
 /// A server without private storage (XEP-0049; prosody's stock config
@@ -491,7 +501,9 @@ enum Reroute {
     RewritesTo,
 }
 
-async fn previous_call(server: &dyn Server, reroute: Reroute) {
+/// `first_gone` waits until the server no longer holds the first call's
+/// session.
+async fn previous_call(server: &dyn Server, reroute: Reroute, first_gone: &dyn Fn()) {
     let desk = desk_with_alice(server).await;
 
     let first = sales_call(
@@ -503,6 +515,7 @@ async fn previous_call(server: &dyn Server, reroute: Reroute) {
          im alice receives: First: *timeout*\nexits-within: 2s\n",
     );
     passed(run(first, Steps::all(&desk)).await);
+    first_gone();
 
     let threaded = "im alice receives two: Second call from 5552222*\n\
          im alice replies one: 1\n\
@@ -510,9 +523,9 @@ async fn previous_call(server: &dyn Server, reroute: Reroute) {
          im alice says one: 1\n\
          im alice receives: Call #* is over: your reply did nothing. Waiting: #*\n\
          im alice answers one: 1\n";
-    let late = "Call #* also popped you and ended * s ago without your answer, so your reply \
-                did nothing: it may have been meant for that call. To answer call #*, start \
-                your reply with its tag, e.g. \"#* 1\".";
+    let late = "Call #* also popped you and ended * s ago, so your reply did nothing: it may \
+                have been meant for that call. To answer call #*, start your reply with its \
+                tag, e.g. \"#* 1\".";
     let to_gone = match reroute {
         Reroute::KeepsTo => "That pop's call is over: your reply did nothing. Waiting: #*",
         Reroute::RewritesTo => late,

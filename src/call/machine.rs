@@ -188,8 +188,6 @@ pub struct Call {
     occupants: BTreeMap<String, Option<String>>,
     /// Set once: the action that was taken, for late replies.
     outcome: Option<String>,
-    /// The agent (bare JID) whose answer decided the call.
-    answered_by: Option<String>,
     /// The `type = agent` sections, by bare JID: `$name$` values, exten,
     /// priority.
     agents: Arc<BTreeMap<String, Agent>>,
@@ -232,7 +230,6 @@ impl Call {
             room,
             occupants: BTreeMap::new(),
             outcome: None,
-            answered_by: None,
             agents: Arc::default(),
         }
     }
@@ -273,24 +270,20 @@ impl Call {
         self.outcome.as_deref()
     }
 
-    /// The agents this call waited for and did not hear from: everyone an
-    /// interactive pop went to, but the agent whose answer decided it. An
-    /// answer of theirs may still be on its way when the next call pops
-    /// them, so a shell asks for a tag or thread from them for a while
+    /// Everyone an interactive pop of this call asked for an answer. Once
+    /// the call is over, an answer written for it (a first one, or a
+    /// second) may still be on its way when the next call pops them, so a
+    /// shell asks them for a tag or thread for a while
     /// ([`crate::claim::LATE_REPLY`]).
-    pub fn unanswered(&self) -> Vec<String> {
-        if self.profile.mode != Mode::Interactive {
-            return Vec::new();
+    pub fn asked(&self) -> Vec<String> {
+        match self.profile.mode {
+            Mode::Interactive => self.popped.clone(),
+            _ => Vec::new(),
         }
-        self.popped
-            .iter()
-            .filter(|a| self.answered_by.as_deref() != Some(a.as_str()))
-            .cloned()
-            .collect()
     }
 
-    /// How long after its end a plain reply of an agent it did not hear
-    /// from moves no other call (the profile's `late_reply`).
+    /// How long after its end a plain reply of an agent it asked moves no
+    /// other call (the profile's `late_reply`).
     pub fn late_reply(&self) -> Duration {
         self.profile.late_reply
     }
@@ -1227,9 +1220,6 @@ impl Call {
             }
         }
         self.outcome = Some(outcome);
-        if let Source::Agent { jid, .. } = &source {
-            self.answered_by = Some(jid.clone());
-        }
         match &action.prompt {
             Some(prompt) => {
                 out.push(Output::Command(Command::Play(prompt.clone())));

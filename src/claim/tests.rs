@@ -72,31 +72,17 @@ impl Account {
         }
     }
 
-    /// Call `i` takes its action without an answer from its agents (a
-    /// key, the timeout): it leaves that in the storage first.
+    /// Call `i` takes its action (an answer, a key, the timeout): it
+    /// leaves its end for every agent it popped in the storage first.
     fn decide(&mut self, i: usize) {
-        self.decided_by(i, None);
-    }
-
-    /// Call `i` is decided by `agent`'s answer: nothing stored for them.
-    fn answered(&mut self, i: usize, agent: &str) {
-        self.decided_by(i, Some(agent));
-    }
-
-    fn decided_by(&mut self, i: usize, agent: Option<&str>) {
         let call = self.procs[i].claims.call.clone();
-        for other in self.procs[i].claims.popped.clone() {
-            if agent != Some(other.as_str()) {
-                let at = self.now;
-                self.storage.insert(
-                    other,
-                    Ended {
-                        call: call.clone(),
-                        at,
-                        window: LATE_REPLY,
-                    },
-                );
-            }
+        for agent in self.procs[i].claims.popped.clone() {
+            let ended = Ended {
+                call: call.clone(),
+                at: self.now,
+                window: LATE_REPLY,
+            };
+            self.storage.insert(agent, ended);
         }
         let a = self.procs[i].claims.decided();
         self.broadcast(i, a);
@@ -258,30 +244,35 @@ fn a_late_answer_to_a_finished_call_moves_no_other() {
         let text = acc.outcome(&msg).unwrap_err();
         assert_eq!(
             text,
-            "Call #aaaaaa01 also popped you and ended 4 s ago without your answer, so your \
-             reply did nothing: it may have been meant for that call. To answer call \
-             #bbbbbb02, start your reply with its tag, e.g. \"#bbbbbb02 1\"."
+            "Call #aaaaaa01 also popped you and ended 4 s ago, so your reply did nothing: it \
+             may have been meant for that call. To answer call #bbbbbb02, start your reply \
+             with its tag, e.g. \"#bbbbbb02 1\"."
         );
     }
     assert_eq!(acc.outcome(&reply(ALICE, "#bbbbbb02 1")), Ok(next));
     assert_eq!(acc.outcome(&threaded(ALICE, "1", "bbbbbb02")), Ok(next));
 }
 
-/// The agent whose answer decided a call has no answer to it left on its
-/// way: the next call takes their plain reply at once; another agent the
-/// call popped is held to the tag for a while.
+/// The agent whose answer decided a call may still send it a second one
+/// (a correction, a client that sends again after a reconnect): for a
+/// while their plain reply moves no other call either, like the one of an
+/// agent who did not answer.
 #[test]
-fn only_the_agents_who_did_not_answer_are_held_to_the_tag() {
+fn the_agent_who_answered_is_held_to_the_tag_too() {
     let mut acc = Account::default();
     let old = acc.start("aaaaaa01");
     acc.pop(old, ALICE);
     acc.pop(old, BOB);
-    acc.answered(old, ALICE);
+    acc.decide(old);
     acc.end(old);
     let next = acc.start("bbbbbb02");
     acc.pop(next, ALICE);
     acc.pop(next, BOB);
-    assert!(acc.outcome(&reply(BOB, "1")).is_err());
+    for agent in [ALICE, BOB] {
+        let text = acc.outcome(&reply(agent, "1")).unwrap_err();
+        assert!(text.starts_with("Call #aaaaaa01 also popped you"), "{text}");
+    }
+    acc.now += LATE_REPLY.as_millis() as u64;
     assert_eq!(acc.outcome(&reply(ALICE, "1")), Ok(next));
 }
 

@@ -238,9 +238,9 @@ pub struct Profile {
     /// How long presence may take to come in after login before the pop
     /// goes to those known to be available.
     pub presence_wait: Duration,
-    /// For how long after this call ends without an agent's answer a
-    /// reply of theirs without thread or tag moves no other call (it may
-    /// be a late answer to this one); zero: not at all.
+    /// For how long after this call ends a reply without thread or tag
+    /// from an agent it popped moves no other call (it may be a late
+    /// answer to this one); zero: not at all.
     pub late_reply: Duration,
     /// Sent to the other agents when one of them took the call.
     pub taken: String,

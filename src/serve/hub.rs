@@ -40,8 +40,8 @@ enum Cmd {
     Open(u64, bool, mpsc::Sender<ToCall>),
     Send(u64, OutgoingMessage),
     Decided(u64, String),
-    /// The call's agents that did not answer it (`Link::left_unanswered`).
-    Unanswered(u64, Vec<String>, Duration),
+    /// The call is over for these agents (`Link::answers_may_follow`).
+    Over(u64, Vec<String>, Duration),
     Close(u64),
     /// New settings (after a reload); a change logs in again.
     Account(Box<Account>, SessionOptions),
@@ -170,9 +170,9 @@ impl Link for HubLink {
         self.hub.cmd(Cmd::Decided(self.n, outcome.to_string()));
     }
 
-    fn left_unanswered(&mut self, agents: Vec<String>, window: Duration) {
+    fn answers_may_follow(&mut self, agents: Vec<String>, window: Duration) {
         if self.opened && !window.is_zero() {
-            self.hub.cmd(Cmd::Unanswered(self.n, agents, window));
+            self.hub.cmd(Cmd::Over(self.n, agents, window));
         }
     }
 
@@ -349,9 +349,9 @@ impl State {
                 }
             }
             Cmd::Decided(n, outcome) => self.router.decided(n, &outcome),
-            Cmd::Unanswered(n, agents, window) => {
+            Cmd::Over(n, agents, window) => {
                 let now = crate::run::wall_ms();
-                self.router.left_unanswered(n, agents, now, window)
+                self.router.answers_may_follow(n, agents, now, window)
             }
             Cmd::Close(n) => {
                 self.router.close(n);
@@ -398,7 +398,7 @@ impl State {
             }
             // Older than any message the ended session refused since.
             XmppEvent::Unconfirmed(messages) => drop(self.unsent.splice(0..0, messages)),
-            // The router remembers unanswered calls itself.
+            // The router remembers the calls that are over itself.
             XmppEvent::Recalled(..) => {}
             XmppEvent::Settled(took) => {
                 self.seen.settled = Some(took);

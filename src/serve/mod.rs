@@ -647,9 +647,9 @@ impl Link for Option<HubLink> {
         }
     }
 
-    fn left_unanswered(&mut self, agents: Vec<String>, window: std::time::Duration) {
+    fn answers_may_follow(&mut self, agents: Vec<String>, window: std::time::Duration) {
         if let Some(link) = self {
-            link.left_unanswered(agents, window);
+            link.answers_may_follow(agents, window);
         }
     }
 

@@ -9,9 +9,9 @@
 //! 2. a XEP-0201 thread that is one of our call ids (every pop carries its
 //!    call's id as thread; clients that keep threads echo it);
 //! 3. otherwise the agent's only waiting call, unless another call popped
-//!    them while it waited, or one that popped them ended without their
-//!    answer less than [`crate::claim::LATE_REPLY`] ago (the reply may be a late answer
-//!    to it: [`crate::claim`]).
+//!    them while it waited, or one that popped them ended less than
+//!    [`crate::claim::LATE_REPLY`] ago (the reply may be a late answer to
+//!    it: [`crate::claim`]).
 //!
 //! Anything else is never guessed: two or more waiting calls get a
 //! question back that lists them with their tags, a tag or thread for a
@@ -61,9 +61,9 @@ struct Entry {
     /// Agents another call was waiting for at some moment since this call
     /// popped them: their replies need a tag or thread to reach it.
     contested: BTreeSet<String>,
-    /// The agents it popped and did not hear from, and when it decided
-    /// (or ended): a plain reply of theirs soon after may be for it.
-    unanswered: Vec<String>,
+    /// The agents it asked for an answer, and when it decided (or
+    /// ended): a plain reply of theirs soon after may be for it.
+    asked: Vec<String>,
     ended_at: Option<u64>,
     /// How long after that a late answer is expected.
     late_window: std::time::Duration,
@@ -108,7 +108,7 @@ impl Router {
                 outcome: None,
                 live: true,
                 contested: BTreeSet::new(),
-                unanswered: Vec::new(),
+                asked: Vec::new(),
                 ended_at: None,
                 late_window: std::time::Duration::ZERO,
             },
@@ -170,9 +170,9 @@ impl Router {
     }
 
     /// Call `n` took its action, or ended without one, at `now` (ms since
-    /// the Unix epoch) without an answer from these agents; a late answer
-    /// of theirs may come within `window`.
-    pub fn left_unanswered(
+    /// the Unix epoch): answers these agents wrote for it may still come
+    /// within `window`.
+    pub fn answers_may_follow(
         &mut self,
         n: u64,
         agents: Vec<String>,
@@ -180,18 +180,18 @@ impl Router {
         window: std::time::Duration,
     ) {
         if let Some(entry) = self.calls.get_mut(&Key(n)) {
-            entry.unanswered = agents;
+            entry.asked = agents;
             entry.ended_at = Some(now);
             entry.late_window = window;
         }
     }
 
-    /// The latest call but `n` that ended without `agent`'s answer less
-    /// than [`crate::claim::LATE_REPLY`] before `now`, and how long ago.
+    /// The latest call but `n` that asked `agent` and ended less than its
+    /// window ([`crate::claim::LATE_REPLY`]) before `now`, and how long ago.
     fn late(&self, agent: &str, n: u64, now: u64) -> Option<(u64, std::time::Duration)> {
         self.calls
             .iter()
-            .filter(|(k, e)| k.0 != n && e.unanswered.iter().any(|a| a == agent))
+            .filter(|(k, e)| k.0 != n && e.asked.iter().any(|a| a == agent))
             .filter_map(|(k, e)| {
                 let at = e.ended_at?;
                 let ended = Ended {
@@ -557,13 +557,20 @@ pub(crate) mod tests {
         assert_eq!(again, text);
     }
 
-    /// alice answered call 16 before call 17 popped her: no answer to 16
-    /// can be on its way, so her plain reply is 17's.
+    /// Call 16 was decided before call 17 popped alice and ended more than
+    /// its window before her reply: no answer to 16 can still be on its
+    /// way, so her plain reply is 17's.
     #[test]
-    fn a_call_the_agent_answered_before_the_next_pop_no_longer_counts() {
+    fn a_call_decided_before_the_next_pop_no_longer_counts_once_its_window_is_over() {
+        let window = crate::claim::LATE_REPLY;
         let mut r = router_with(&[(16, &[ALICE])]);
         r.decided(16, "sent to desk");
-        r.left_unanswered(16, vec![], NOW, crate::claim::LATE_REPLY);
+        r.answers_may_follow(
+            16,
+            vec![ALICE.into()],
+            NOW - window.as_millis() as u64,
+            window,
+        );
         r.open(17);
         pop(&mut r, 17, ALICE, "Call from 555017");
         assert_eq!(delivered(r.route(reply(ALICE, "1"), NOW)).0, "17");
@@ -585,7 +592,7 @@ pub(crate) mod tests {
         for close in [false, true] {
             let mut r = router_with(&[(16, &[ALICE, BOB])]);
             r.decided(16, "timeout");
-            r.left_unanswered(
+            r.answers_may_follow(
                 16,
                 vec![ALICE.into(), BOB.into()],
                 NOW - 2_000,
@@ -600,7 +607,7 @@ pub(crate) mod tests {
             assert_eq!(to, ALICE);
             assert_eq!(
                 text,
-                "Call #16 also popped you and ended 2 s ago without your answer, so your reply \
+                "Call #16 also popped you and ended 2 s ago, so your reply \
                  did nothing: it may have been meant for that call. To answer call #17, start \
                  your reply with its tag, e.g. \"#17 1\"."
             );
@@ -616,7 +623,7 @@ pub(crate) mod tests {
     fn a_call_with_no_late_reply_window_holds_nothing_back() {
         let mut r = router_with(&[(16, &[ALICE])]);
         r.decided(16, "timeout");
-        r.left_unanswered(16, vec![ALICE.into()], NOW, std::time::Duration::ZERO);
+        r.answers_may_follow(16, vec![ALICE.into()], NOW, std::time::Duration::ZERO);
         r.open(17);
         pop(&mut r, 17, ALICE, "Call from 555017");
         assert_eq!(delivered(r.route(reply(ALICE, "1"), NOW)).0, "17");

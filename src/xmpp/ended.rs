@@ -1,7 +1,7 @@
 //! What a per-call process leaves for the next one in the account's
 //! private XML storage (XEP-0049, `jabber:iq:private`: stock on prosody
-//! and ejabberd): per agent, the last call that ended without their
-//! answer ([`crate::claim`] says why). Only the account itself can read
+//! and ejabberd): per agent, the last call that popped them and ended
+//! ([`crate::claim`] says why). Only the account itself can read
 //! it. One element per agent, its namespace naming the agent, so calls
 //! ending at once for different agents never overwrite each other.
 
@@ -45,7 +45,7 @@ fn query(child: Element) -> Element {
     Element::builder("query", PRIVATE).append(child).build()
 }
 
-/// Store `ended` as `agent`'s last unanswered call:
+/// Store `ended` as `agent`'s last ended call:
 /// `<ended xmlns='urn:x-popivr:ended:AGENT' call='ID' window='MS'>MS</ended>`
 /// (the window: its profile's `late_reply`; the text: when it ended).
 pub(super) fn remember(id: String, agent: &str, ended: &Ended) -> Iq {
@@ -64,7 +64,7 @@ pub(super) fn remember(id: String, agent: &str, ended: &Ended) -> Iq {
     }
 }
 
-/// Ask for `agent`'s last unanswered call.
+/// Ask for `agent`'s last ended call.
 pub(super) fn recall(id: String, agent: &str) -> Iq {
     Iq::Get {
         from: None,

@@ -63,8 +63,7 @@ pub enum XmppEvent {
     /// first); comes just before `Status(Failed)`. Only with a keepalive.
     Unconfirmed(Vec<(u64, OutgoingMessage)>),
     /// The storage's answer to [`Session::recall`] for this agent: the
-    /// last call that ended without their answer, or why it could not
-    /// say.
+    /// last call that popped them and ended, or why it could not say.
     Recalled(String, Result<Option<crate::claim::Ended>, String>),
 }
 
@@ -180,8 +179,8 @@ impl Session {
         let _ = self.cmds.send(session::Cmd::Announce(status, a));
     }
 
-    /// Leave `ended` in the account's private storage as `agent`'s last
-    /// unanswered call, for the account's next sessions. Sent in order
+    /// Leave `ended` in the account's private storage as the last call
+    /// that popped `agent` and ended, for the account's next sessions. Sent in order
     /// with the messages and presence.
     pub fn remember(&self, agent: &str, ended: crate::claim::Ended) {
         let _ = self
@@ -189,8 +188,8 @@ impl Session {
             .send(session::Cmd::Remember(agent.to_string(), ended));
     }
 
-    /// Ask the account's private storage for `agent`'s last unanswered
-    /// call; the answer comes as [`XmppEvent::Recalled`].
+    /// Ask the account's private storage for the last call that popped
+    /// `agent` and ended; the answer comes as [`XmppEvent::Recalled`].
     pub fn recall(&self, agent: &str) {
         let _ = self.cmds.send(session::Cmd::Recall(agent.to_string()));
     }

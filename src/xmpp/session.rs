@@ -86,7 +86,7 @@ pub(crate) enum Cmd {
     Presence(Option<String>),
     /// Our presence, with this call's announcement.
     Announce(Option<String>, Announcement),
-    /// Store an agent's last unanswered call (`ended`).
+    /// Store the last call that popped an agent and ended (`ended`).
     Remember(String, crate::claim::Ended),
     /// Read it back: answered with `XmppEvent::Recalled`.
     Recall(String),
@@ -438,7 +438,7 @@ async fn relay(
                         if let Iq::Error { error, .. } = &iq
                             && id.starts_with(ended::REMEMBER_ID)
                         {
-                            log::warn!("xmpp: the server did not store an unanswered call: {:?}", error.defined_condition);
+                            log::warn!("xmpp: the server did not store an ended call: {:?}", error.defined_condition);
                         }
                         event
                     }
