@@ -138,8 +138,9 @@ enum Cmd {
     /// the configuration for new calls (a broken file is reported and the
     /// running one kept). See docs/serve.md.
     Serve {
-        /// Address to listen on (repeatable). Default [::]:2949, which
-        /// takes IPv4 too (0.0.0.0:2949 where IPv6 is off).
+        /// Address to listen on (repeatable). Default 127.0.0.1:2949 and
+        /// [::1]:2949: this host only, since the protocol has no
+        /// authentication; give the PBX-facing address to reach further.
         #[arg(long, value_name = "HOST:PORT")]
         listen: Vec<String>,
         /// Calls at once; one more is sent on with the dialplan (E).

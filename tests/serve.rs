@@ -331,6 +331,66 @@ async fn the_call_cap_turns_calls_away_and_a_closed_call_frees_its_place() {
     expect_action(&mut d, "sales").await;
 }
 
+/// Without `--listen`, the daemon takes calls from this host only
+/// (127.0.0.1:2949, and [::1]:2949 where IPv6 is on): the protocol has no
+/// authentication, so a unit started with the defaults must not be
+/// reachable from the network. Checked from the addresses it says it
+/// listens on, and by connecting to this host's own network address.
+#[test]
+fn by_default_the_daemon_listens_on_this_host_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = write_config(dir.path(), "[p]\ntype = profile\nkey = 1 -> continue vm\n");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_popivr"))
+        .arg("--config")
+        .arg(&conf)
+        .args(["-v", "serve"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start popivr serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut addrs = Vec::new();
+    let mut log = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(1500)) {
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            addrs.push(addr.trim().parse::<std::net::SocketAddr>().unwrap());
+        }
+        log.push(line);
+        if addrs.len() == 2 {
+            break;
+        }
+    }
+    assert!(!addrs.is_empty(), "not listening: {log:?}");
+    for addr in &addrs {
+        assert!(
+            addr.ip().is_loopback() && addr.port() == 2949,
+            "{addr}: {log:?}"
+        );
+    }
+    assert!(std::net::TcpStream::connect("127.0.0.1:2949").is_ok());
+    // This host's address on its network (the one a route out would use;
+    // a UDP connect sends nothing), where one exists.
+    let out = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").and_then(|()| s.local_addr()));
+    let local = out.ok().map(|a| a.ip());
+    if let Some(local) = local.filter(|ip| !ip.is_loopback() && !ip.is_unspecified()) {
+        let reach = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::new(local, 2949),
+            Duration::from_secs(2),
+        );
+        assert!(reach.is_err(), "reachable on {local}:2949");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[tokio::test]
 async fn unknown_profiles_send_the_call_on_with_the_dialplan() {
     let dir = tempfile::tempdir().unwrap();

@@ -82,8 +82,8 @@ const P_BUFFER_FULL: usize = 99;
 #[derive(Debug, Clone)]
 pub struct Options {
     pub config: PathBuf,
-    /// Addresses to listen on; empty: `[::]:2949` (IPv4 too), or
-    /// `0.0.0.0:2949` where IPv6 is off.
+    /// Addresses to listen on; empty: `127.0.0.1:2949`, and `[::1]:2949`
+    /// where IPv6 is on (this host only).
     pub listen: Vec<String>,
     pub max_calls: usize,
     pub drain_timeout: Duration,
@@ -264,15 +264,14 @@ impl Drop for Live {
 
 async fn bind(addrs: &[String]) -> Result<Vec<TcpListener>> {
     if addrs.is_empty() {
-        // `[::]` also takes IPv4 (v4-mapped) unless IPv6 is off.
-        return match TcpListener::bind(("::", DEFAULT_PORT)).await {
-            Ok(l) => Ok(vec![l]),
-            Err(_) => Ok(vec![
-                TcpListener::bind(("0.0.0.0", DEFAULT_PORT))
-                    .await
-                    .with_context(|| format!("cannot listen on port {DEFAULT_PORT}"))?,
-            ]),
-        };
+        // Loopback only: the protocol has no authentication, so anything
+        // further is the admin's choice (`--listen`). ::1 too where IPv6 is
+        // on, for an Asterisk whose `localhost` is ::1 first.
+        let v4 = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, DEFAULT_PORT))
+            .await
+            .with_context(|| format!("cannot listen on 127.0.0.1:{DEFAULT_PORT}"))?;
+        let v6 = TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, DEFAULT_PORT)).await;
+        return Ok(std::iter::once(v4).chain(v6.ok()).collect());
     }
     let mut out = Vec::new();
     for addr in addrs {
