@@ -47,6 +47,16 @@ pub fn check(path: &Path, options: Options) -> Result<ExitCode> {
     for w in &config.warnings {
         println!("warning: {w}");
     }
+    let left = placeholders(&config);
+    for p in &left {
+        println!("placeholder: {p}");
+    }
+    if !left.is_empty() {
+        failures.push(format!(
+            "{} placeholder(s) of the sample left in place",
+            left.len()
+        ));
+    }
     let risks = risks(&config, path);
     for r in &risks {
         println!("risk: {r}");
@@ -90,6 +100,61 @@ pub fn check(path: &Path, options: Options) -> Result<ExitCode> {
         println!("check FAILED: {}", failures.join("; "));
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// The shipped sample's secret.
+const SAMPLE_SECRET: &str = "CHANGE-ME";
+
+/// What the shipped sample holds only as an example and an admin must
+/// replace: its secret, and names under the domains RFC 2606 reserves for
+/// examples (`example.org`, `.com`, `.net`, and their subdomains). Named
+/// by section and key; a secret is never shown.
+fn placeholders(config: &Config) -> Vec<String> {
+    let example = |name: &str| {
+        let host = name.rsplit('@').next().unwrap_or(name);
+        let host = host.split('/').next().unwrap_or(host).trim_end_matches('.');
+        let host = host.to_ascii_lowercase();
+        ["example.org", "example.com", "example.net"]
+            .iter()
+            .any(|d| host == *d || host.ends_with(&format!(".{d}")))
+    };
+    let mut found = Vec::new();
+    let mut name = |section: &str, key: &str, value: &str| {
+        if example(value) {
+            found.push(format!(
+                "[{section}] {key}: `{value}` is an example name (RFC 2606)"
+            ));
+        }
+    };
+    for (section, a) in &config.accounts {
+        name(section, "username", &a.username);
+        if let Some(host) = &a.serverhost {
+            name(section, "serverhost", host);
+        }
+    }
+    for (section, p) in &config.profiles {
+        for t in &p.targets {
+            name(section, "targets", t);
+        }
+        if let Some(room) = &p.room {
+            name(section, "room", &room.jid);
+        }
+        let url_host = p.url.as_deref().and_then(|u| u.split("://").nth(1));
+        if let Some(host) = url_host.and_then(|r| r.split(['/', '?', ':']).next()) {
+            name(section, "url", host);
+        }
+    }
+    for jid in config.agents.keys() {
+        name(jid, "jid", jid);
+    }
+    for (section, a) in &config.accounts {
+        if a.secret == SAMPLE_SECRET {
+            found.push(format!(
+                "[{section}] secret: still the sample's `{SAMPLE_SECRET}`"
+            ));
+        }
+    }
+    found
 }
 
 /// Log in with each account a profile with targets uses, then show how

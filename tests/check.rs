@@ -310,3 +310,43 @@ fn a_server_that_hides_its_software_leaves_the_limit_unknown() {
          on sessions per account is unknown"
     );
 }
+
+/// The shipped sample, untouched, is no configuration yet: `check
+/// --offline` names each placeholder left in place (the secret, without
+/// showing any real one, and every name under an RFC 2606 example
+/// domain) and fails; with them replaced it passes.
+#[test]
+fn the_untouched_sample_names_its_placeholders_and_fails() {
+    let sample = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("dialplan/popivr.conf.sample"),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("popivr.conf");
+    testbed::write_private(&path, sample.as_bytes()).unwrap();
+    let (out, text) = check(&path, &["--offline"]);
+    assert!(!out.status.success(), "{text}");
+    for line in [
+        "placeholder: [pbx] secret: still the sample's `CHANGE-ME`",
+        "placeholder: [pbx] username: `pbx@example.org/popivr` is an example name (RFC 2606)",
+        "placeholder: [pbx] serverhost: `xmpp.example.org` is an example name (RFC 2606)",
+        "placeholder: [sales] targets: `alice@example.org` is an example name (RFC 2606)",
+        "placeholder: [support] room: `support@conference.example.org` is an example name",
+        "placeholder: [sales] url: `crm.example.org` is an example name (RFC 2606)",
+    ] {
+        assert!(text.contains(line), "{line}:\n{text}");
+    }
+    assert!(
+        text.contains("placeholder(s) of the sample left in place"),
+        "{text}"
+    );
+
+    let mine = sample
+        .replace("example.org", "pbx.corp.internal")
+        .replace("Example.org", "pbx.corp.internal")
+        .replace("CHANGE-ME", "a-real-secret");
+    testbed::write_private(&path, mine.as_bytes()).unwrap();
+    let (out, text) = check(&path, &["--offline"]);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("placeholder"), "{text}");
+}
