@@ -947,8 +947,8 @@ fn check_warns_when_others_can_read_a_secret() {
     let dir = tempfile::tempdir().unwrap();
     let secret = "readable-Secret-19aa";
     let text = format!(
-        "[pbx]\ntype = client\nusername = pbx@example.org\nsecret = {secret}\n\n\
-         [sales]\ntype = profile\naccount = pbx\ntargets = alice@example.org\n"
+        "[pbx]\ntype = client\nusername = pbx@corp.internal\nsecret = {secret}\n\n\
+         [sales]\ntype = profile\naccount = pbx\ntargets = alice@corp.internal\n"
     );
     for (mode, warned) in [(0o600, false), (0o644, true)] {
         let conf = write_private(dir.path(), "popivr.conf", &text, mode);

@@ -340,16 +340,27 @@ async fn the_call_cap_turns_calls_away_and_a_closed_call_frees_its_place() {
 fn by_default_the_daemon_listens_on_this_host_only() {
     let dir = tempfile::tempdir().unwrap();
     let conf = write_config(dir.path(), "[p]\ntype = profile\nkey = 1 -> continue vm\n");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_popivr"))
-        .arg("--config")
-        .arg(&conf)
-        .args(["-v", "serve"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start popivr serve");
-    let stderr = child.stderr.take().unwrap();
+    /// Killed when the test ends, passed or failed: a daemon left on the
+    /// default port would take the next run's.
+    struct Killed(Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_popivr"))
+            .arg("--config")
+            .arg(&conf)
+            .args(["-v", "serve"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start popivr serve"),
+    );
+    let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -387,8 +398,6 @@ fn by_default_the_daemon_listens_on_this_host_only() {
         );
         assert!(reach.is_err(), "reachable on {local}:2949");
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[tokio::test]
@@ -620,7 +629,7 @@ async fn two_calls_for_one_agent_are_answered_separately_by_tag_and_by_thread_on
 /// still waiting (she may be answering a pop that was decided meanwhile),
 /// whether sent to the bare JID or to the daemon's full JID; she is asked
 /// each time. A call that pops her after the others were decided takes
-/// her plain reply again.
+/// her tagged reply; a plain one only once `late_reply` has passed.
 #[tokio::test]
 async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over() {
     overlapping_calls_need_a_tag_or_thread_until_they_are_over_on(On::Prosody).await;
@@ -661,11 +670,17 @@ async fn overlapping_calls_need_a_tag_or_thread_until_they_are_over_on(on: On) {
     }
     alice.send_chat(&pbx, &format!("#{} 2", threads[2])).await;
     expect_action(&mut calls[2], "sales").await;
-    // A fresh call, no rival since its pop: a plain reply is its.
+    // A fresh call, no rival since its pop; but calls that popped her
+    // ended moments ago, so a plain reply may still be a late one to them
+    // (`late_reply`): it moves nothing until then, the tag at once.
     let mut four = Sim::start(daemon.call("pop,n=4")).unwrap();
     expect_start(&mut four).await;
-    next_pop(&mut alice).await;
+    let (_, thread) = next_pop(&mut alice).await;
     alice.send_chat(&pbx, "1").await;
+    let text = expect_text(&mut alice, |b| b.contains("also popped you")).await;
+    assert!(text.contains(&format!("\"#{thread} 1\"")), "{text}");
+    still_waiting(&mut four, Duration::from_millis(300)).await;
+    alice.send_chat(&pbx, &format!("#{thread} 1")).await;
     expect_action(&mut four, "desk").await;
 }
 
@@ -977,14 +992,16 @@ async fn calls_ride_out_an_xmpp_server_restart() {
     // it, the daemon sent it again on the new link.)
     let mut after = Sim::start(daemon.call("pop,n=3")).unwrap();
     expect_start(&mut after).await;
-    let n = loop {
+    let (n, thread) = loop {
         match next_pop(&mut alice).await {
             (1, _) => continue,
-            (n, _) => break n,
+            pop => break pop,
         }
     };
     assert_eq!(n, 3);
-    alice.send_chat(&pbx, "1").await;
+    // With the tag: call 1 ended moments ago, so a plain answer could
+    // still be a late one to it (`late_reply`).
+    alice.send_chat(&pbx, &format!("#{thread} 1")).await;
     expect_action(&mut after, "desk").await;
 }
 
