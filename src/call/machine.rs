@@ -802,101 +802,122 @@ impl Call {
             return;
         }
         self.decided = true;
-        let targets = &self.profile.targets;
-        let mut available: Vec<String> = targets
+        let room = self.room == RoomState::Joined;
+        let mut available = self.chosen();
+        if available.is_empty() && !room {
+            match self.nobody_available(out) {
+                Some(everyone) => available = everyone,
+                // The call took its action.
+                None => return,
+            }
+        }
+        match self.profile.mode {
+            Mode::Missed => self.send_missed(&available, room, out),
+            _ => self.send_pops(&available, room, out),
+        }
+        self.popped = available.clone();
+        self.room_popped = room;
+        self.act_for_mode(available, out);
+    }
+
+    /// The targets available by the profile's `presence` rule (in `route`
+    /// mode the one with the lowest priority).
+    fn chosen(&self) -> Vec<String> {
+        let mut available: Vec<String> = self
+            .profile
+            .targets
             .iter()
             .filter(|t| self.available(t))
             .cloned()
             .collect();
-        let room = self.room == RoomState::Joined;
         if self.profile.mode == Mode::Route {
             // Lowest priority first; equal ones keep the order of `targets`.
             let priority = |jid: &String| self.agent(jid).map_or(0, |a| a.priority);
             available.sort_by_key(priority);
             available.truncate(1);
         }
-        if available.is_empty() && !room {
-            let states: Vec<String> = targets.iter().map(|t| self.describe(t)).collect();
-            let who = if states.is_empty() {
-                "the room is unavailable".to_string()
-            } else {
-                states.join(", ")
-            };
-            log(out, Level::Info, format!("nobody available: {who}"));
-            let nobody = match self.profile.mode {
-                // Routing to someone unavailable would ring nobody.
-                Mode::Route if self.profile.nobody == Nobody::Pop => Nobody::Default,
-                _ => self.profile.nobody,
-            };
-            match nobody {
-                Nobody::Pop => available = targets.clone(),
-                Nobody::Missed | Nobody::Default => {
-                    if nobody == Nobody::Missed {
-                        for to in targets {
-                            let body = self.text(&self.profile.missed, "", "", to);
-                            out.push(self.message(to, body));
-                        }
-                        self.popped = targets.clone();
-                    }
-                    let action = self.profile.default_action.clone();
-                    let why = "nobody available".to_string();
-                    self.act(&action, Source::Unavailable(why), None, out);
-                    return;
-                }
-            }
+        available
+    }
+
+    /// Nobody is available: `nobody` decides. `Some(targets)` when every
+    /// target gets the pop anyway; `None` when the call took its action.
+    fn nobody_available(&mut self, out: &mut Vec<Output>) -> Option<Vec<String>> {
+        let targets = self.profile.targets.clone();
+        let states: Vec<String> = targets.iter().map(|t| self.describe(t)).collect();
+        let who = match states.is_empty() {
+            true => "the room is unavailable".to_string(),
+            false => states.join(", "),
+        };
+        log(out, Level::Info, format!("nobody available: {who}"));
+        let nobody = match self.profile.mode {
+            // Routing to someone unavailable would ring nobody.
+            Mode::Route if self.profile.nobody == Nobody::Pop => Nobody::Default,
+            _ => self.profile.nobody,
+        };
+        if nobody == Nobody::Pop {
+            return Some(targets);
         }
-        if self.profile.mode == Mode::Missed {
-            for to in &available {
+        if nobody == Nobody::Missed {
+            for to in &targets {
                 let body = self.text(&self.profile.missed, "", "", to);
                 out.push(self.message(to, body));
             }
-            if room {
-                let body = self.text(&self.profile.missed, "", "", "");
-                out.push(self.room_message(body));
-            }
-            log(
-                out,
-                Level::Info,
-                format!(
-                    "missed-call notice sent to {}",
-                    self.recipients(&available, room)
-                ),
-            );
-        } else {
-            for to in &available {
-                let pop = self.pop_message(to);
-                out.push(pop);
-            }
-            if room {
-                let mut body = self.text(&self.profile.template, "", "", "");
-                let url = self.url();
-                if let Some(url) = &url {
-                    body = format!("{body}\n{url}");
-                }
-                out.push(Output::Send(OutgoingMessage {
-                    url,
-                    ..OutgoingMessage::groupchat(self.room_jid(), body)
-                }));
-            }
-            log(
-                out,
-                Level::Info,
-                format!("pop sent to {}", self.recipients(&available, room)),
-            );
+            self.popped = targets;
         }
-        self.popped = available.clone();
-        self.room_popped = room;
-        let exten = available
-            .first()
-            .and_then(|a| self.agent(a))
-            .and_then(|a| a.exten.clone())
-            .unwrap_or_default();
+        let action = self.profile.default_action.clone();
+        let why = "nobody available".to_string();
+        self.act(&action, Source::Unavailable(why), None, out);
+        None
+    }
+
+    /// `mode = missed`: the missed-call notice instead of a pop.
+    fn send_missed(&self, available: &[String], room: bool, out: &mut Vec<Output>) {
+        for to in available {
+            let body = self.text(&self.profile.missed, "", "", to);
+            out.push(self.message(to, body));
+        }
+        if room {
+            let body = self.text(&self.profile.missed, "", "", "");
+            out.push(self.room_message(body));
+        }
+        let to = self.recipients(available, room);
+        log(out, Level::Info, format!("missed-call notice sent to {to}"));
+    }
+
+    /// The pop, to each agent and into the room.
+    fn send_pops(&self, available: &[String], room: bool, out: &mut Vec<Output>) {
+        for to in available {
+            let pop = self.pop_message(to);
+            out.push(pop);
+        }
+        if room {
+            let mut body = self.text(&self.profile.template, "", "", "");
+            let url = self.url();
+            if let Some(url) = &url {
+                body = format!("{body}\n{url}");
+            }
+            out.push(Output::Send(OutgoingMessage {
+                url,
+                ..OutgoingMessage::groupchat(self.room_jid(), body)
+            }));
+        }
+        let to = self.recipients(available, room);
+        log(out, Level::Info, format!("pop sent to {to}"));
+    }
+
+    /// Every mode but `interactive` leaves as soon as its messages are out.
+    fn act_for_mode(&mut self, available: Vec<String>, out: &mut Vec<Output>) {
         let label = match self.profile.mode {
             Mode::Interactive => return,
             Mode::Notify => "notify",
             Mode::Route => "route",
             Mode::Missed => "missed",
         };
+        let exten = available
+            .first()
+            .and_then(|a| self.agent(a))
+            .and_then(|a| a.exten.clone())
+            .unwrap_or_default();
         let action = Action {
             kind: ActionKind::Continue(label.into()),
             prompt: None,
@@ -1118,6 +1139,53 @@ impl Call {
         }
     }
 
+    /// The outcome, to everyone the call popped: the agent who answered
+    /// gets `confirm`, the others `taken` (for a key or the timeout, all
+    /// get `confirm` with what decided it).
+    fn tell_agents(
+        &self,
+        source: &Source,
+        outcome: &str,
+        by: &str,
+        agent: &str,
+        out: &mut Vec<Output>,
+    ) {
+        let informs = matches!(
+            source,
+            Source::Agent { .. } | Source::Key(_) | Source::Timeout
+        );
+        if self.link != Link::Online || !informs {
+            return;
+        }
+        let text = match source {
+            Source::Agent { .. } => outcome.to_string(),
+            _ => format!("{outcome} ({by})"),
+        };
+        let winner = match source {
+            Source::Agent { from, .. } => Some(from),
+            _ => None,
+        };
+        for to in &self.popped {
+            // `agent` is the answerer's bare JID, also when they answered
+            // in the room (its real JID): they are told the outcome, not
+            // that someone took the call.
+            let template = match winner {
+                Some(_) if *to != agent => &self.profile.taken,
+                _ => &self.profile.confirm,
+            };
+            let body = self.text(template, &text, agent, to);
+            out.push(self.message(to, body));
+        }
+        if self.room_popped {
+            let template = match winner {
+                Some(Peer::Room(_)) | None => &self.profile.confirm,
+                Some(Peer::Chat(_)) => &self.profile.taken,
+            };
+            let body = self.text(template, &text, agent, "");
+            out.push(self.room_message(body));
+        }
+    }
+
     /// Carry out `action`, once per call whatever else is in flight.
     fn act(
         &mut self,
@@ -1184,41 +1252,8 @@ impl Call {
             vars.push(("POPIVR_AGENT_EXTEN".to_string(), exten));
         }
         // Tell the agents before Asterisk hears of it: once `E` is answered
-        // Asterisk closes our input and the process ends. The one who
-        // answered gets the confirmation, the others that it was taken.
-        let informs = matches!(
-            source,
-            Source::Agent { .. } | Source::Key(_) | Source::Timeout
-        );
-        if self.link == Link::Online && informs {
-            let text = match &source {
-                Source::Agent { .. } => outcome.clone(),
-                _ => format!("{outcome} ({by})"),
-            };
-            let winner = match &source {
-                Source::Agent { from, .. } => Some(from),
-                _ => None,
-            };
-            for to in &self.popped {
-                // `agent` is the answerer's bare JID, also when they
-                // answered in the room (its real JID): they are told the
-                // outcome, not that someone took the call.
-                let template = match winner {
-                    Some(_) if *to != agent => &self.profile.taken,
-                    _ => &self.profile.confirm,
-                };
-                let body = self.text(template, &text, &agent, to);
-                out.push(self.message(to, body));
-            }
-            if self.room_popped {
-                let template = match winner {
-                    Some(Peer::Room(_)) | None => &self.profile.confirm,
-                    Some(Peer::Chat(_)) => &self.profile.taken,
-                };
-                let body = self.text(template, &text, &agent, "");
-                out.push(self.room_message(body));
-            }
-        }
+        // Asterisk closes our input and the process ends.
+        self.tell_agents(&source, &outcome, &by, &agent, out);
         self.outcome = Some(outcome);
         match &action.prompt {
             Some(prompt) => {

@@ -1207,89 +1207,234 @@ fn profile(
     let before = sink.problems.len();
     check_keys(s, PROFILE_KEYS, &[], false, sink);
 
-    let mut targets: Vec<String> = Vec::new();
-    if let Some(e) = s.get("targets") {
-        match items(&e.value) {
-            Err(r) => sink.invalid(s, e, r),
-            Ok(list) => {
-                for t in list {
-                    if let Some(name) = t.strip_prefix('@') {
-                        match expand_group(name, groups) {
-                            Err(r) => sink.invalid(s, e, format_args!("`{t}`: {r}")),
-                            Ok(members) => {
-                                for m in members {
-                                    if !targets.contains(m) {
-                                        targets.push(m.clone());
-                                    }
-                                }
-                            }
-                        }
-                        continue;
-                    }
-                    match normalize_jid(t) {
-                        Err(err) => sink.invalid(s, e, format_args!("`{t}`: {err}")),
-                        Ok(j) if targets.contains(&j) => {
-                            sink.warn(
-                                &e.at,
-                                format_args!("[{}] target {j} is listed twice", s.name),
-                            );
-                        }
-                        Ok(j) => targets.push(j),
-                    }
-                }
+    // Who gets the pop, and how.
+    let targets = targets(s, groups, sink);
+    let delivery = Delivery::of(s, sink);
+    let room = profile_room(s, &targets, delivery.mode, sink);
+    let account = s
+        .get("account")
+        .map(|e| e.value.clone())
+        .unwrap_or_default();
+    if account.is_empty() && (!targets.is_empty() || room.is_some()) {
+        sink.missing(s, "account", " (the profile has targets to send pops to)");
+    }
+
+    // What the caller hears and what the call reads.
+    let hold = hold(s, sink);
+    let variables = variables(s, sink);
+    let sip_headers = sip_headers(s, sink);
+
+    // How the call is decided.
+    let forward_allow = forward_allow(s, sink);
+    let mut prompts: Vec<(String, Location)> = Vec::new();
+    let replies = replies(s, &forward_allow, &mut prompts, sink);
+    let keys = keys(s, &mut prompts, sink);
+    let timeout = seconds_key(s, "timeout", DEFAULT_TIMEOUT, sink);
+    let default_action = default_action(s, &mut prompts, sink);
+    for (p, at) in &prompts {
+        if hold.contains(p) {
+            let kind = ProblemKind::Invalid {
+                section: s.name.clone(),
+                key: "prompt".into(),
+                reason: format!(
+                    "`{p}` is also hold audio; the call could not tell when the prompt ends"
+                ),
+            };
+            sink.problem(at, kind);
+        }
+    }
+
+    // What the agents read.
+    let texts = Texts::of(s, &replies, sink);
+    if targets.is_empty() && room.is_none() {
+        if keys.is_empty() {
+            sink.warn(
+                &s.at,
+                format_args!(
+                    "[{}] has no targets and no keys: every call waits for the timeout",
+                    s.name
+                ),
+            );
+        }
+        if let Some(e) = s.get("reply") {
+            sink.warn(
+                &e.at,
+                format_args!("[{}] reply rules do nothing without targets", s.name),
+            );
+        }
+    } else {
+        let known = Known {
+            section: &s.name,
+            variables: &variables,
+            sip_headers: &sip_headers,
+            custom,
+        };
+        texts.check(&known, sink);
+    }
+    if delivery.mode != Mode::Interactive {
+        for key in ["reply", "key"] {
+            if let Some(e) = s.get(key) {
+                sink.warn(
+                    &e.at,
+                    format_args!(
+                        "[{}] `{key}` rules do nothing in this mode: the call leaves without waiting",
+                        s.name
+                    ),
+                );
             }
         }
     }
 
-    let mode = one_of(
-        s,
-        "mode",
-        &[
-            ("interactive", Mode::Interactive),
-            ("notify", Mode::Notify),
-            ("route", Mode::Route),
-            ("missed", Mode::Missed),
-        ],
-        sink,
-    );
-    let presence = one_of(
-        s,
-        "presence",
-        &[
-            ("available", PresencePolicy::Available),
-            ("away", PresencePolicy::Away),
-            ("busy", PresencePolicy::Busy),
-            ("any", PresencePolicy::Any),
-        ],
-        sink,
-    );
-    let nobody = one_of(
-        s,
-        "nobody",
-        &[
-            ("default", Nobody::Default),
-            ("pop", Nobody::Pop),
-            ("missed", Nobody::Missed),
-        ],
-        sink,
-    );
-    let presence_wait = match s.get("presence_wait") {
-        None => DEFAULT_PRESENCE_WAIT,
+    let Texts {
+        help,
+        template,
+        confirm,
+        taken,
+        missed,
+        url,
+    } = texts;
+    (sink.problems.len() == before).then(|| Profile {
+        name: s.name.clone(),
+        account,
+        targets,
+        template: template.0,
+        confirm: confirm.0,
+        help,
+        hold,
+        variables,
+        sip_headers,
+        replies,
+        keys,
+        timeout,
+        default_action,
+        forward_allow,
+        mode: delivery.mode,
+        presence: delivery.presence,
+        nobody: delivery.nobody,
+        presence_wait: delivery.presence_wait,
+        late_reply: delivery.late_reply,
+        taken: taken.map_or_else(|| DEFAULT_TAKEN.to_string(), |(t, _)| t),
+        missed: missed.map_or_else(|| DEFAULT_MISSED.to_string(), |(t, _)| t),
+        url: url.map(|(u, _)| u),
+        room,
+        origin: s.at.to_string(),
+    })
+}
+
+/// `targets`: bare JIDs and `@groups`, normalised, each once.
+fn targets(s: &Section, groups: &BTreeMap<String, Group>, sink: &mut Sink) -> Vec<String> {
+    let mut targets: Vec<String> = Vec::new();
+    let Some(e) = s.get("targets") else {
+        return targets;
+    };
+    let list = match items(&e.value) {
+        Err(r) => {
+            sink.invalid(s, e, r);
+            return targets;
+        }
+        Ok(list) => list,
+    };
+    for t in list {
+        if let Some(name) = t.strip_prefix('@') {
+            match expand_group(name, groups) {
+                Err(r) => sink.invalid(s, e, format_args!("`{t}`: {r}")),
+                Ok(members) => {
+                    for m in members {
+                        if !targets.contains(m) {
+                            targets.push(m.clone());
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        match normalize_jid(t) {
+            Err(err) => sink.invalid(s, e, format_args!("`{t}`: {err}")),
+            Ok(j) if targets.contains(&j) => {
+                sink.warn(
+                    &e.at,
+                    format_args!("[{}] target {j} is listed twice", s.name),
+                );
+            }
+            Ok(j) => targets.push(j),
+        }
+    }
+    targets
+}
+
+/// How a pop is delivered: `mode`, `presence`, `nobody`, and the two
+/// waits around it (`presence_wait`, `late_reply`).
+struct Delivery {
+    mode: Mode,
+    presence: PresencePolicy,
+    nobody: Nobody,
+    presence_wait: Duration,
+    late_reply: Duration,
+}
+
+impl Delivery {
+    fn of(s: &Section, sink: &mut Sink) -> Delivery {
+        let mode = one_of(
+            s,
+            "mode",
+            &[
+                ("interactive", Mode::Interactive),
+                ("notify", Mode::Notify),
+                ("route", Mode::Route),
+                ("missed", Mode::Missed),
+            ],
+            sink,
+        );
+        let presence = one_of(
+            s,
+            "presence",
+            &[
+                ("available", PresencePolicy::Available),
+                ("away", PresencePolicy::Away),
+                ("busy", PresencePolicy::Busy),
+                ("any", PresencePolicy::Any),
+            ],
+            sink,
+        );
+        let nobody = one_of(
+            s,
+            "nobody",
+            &[
+                ("default", Nobody::Default),
+                ("pop", Nobody::Pop),
+                ("missed", Nobody::Missed),
+            ],
+            sink,
+        );
+        let presence_wait = seconds_key(s, "presence_wait", DEFAULT_PRESENCE_WAIT, sink);
+        let late_reply = match s.get("late_reply") {
+            Some(e) if e.value.trim() == "0" => Duration::ZERO,
+            _ => seconds_key(s, "late_reply", crate::claim::LATE_REPLY, sink),
+        };
+        Delivery {
+            mode,
+            presence,
+            nobody,
+            presence_wait,
+            late_reply,
+        }
+    }
+}
+
+/// A key of seconds (more than 0), `default` when absent or invalid.
+fn seconds_key(s: &Section, key: &str, default: Duration, sink: &mut Sink) -> Duration {
+    match s.get(key) {
+        None => default,
         Some(e) => seconds(&e.value).unwrap_or_else(|r| {
             sink.invalid(s, e, r);
-            DEFAULT_PRESENCE_WAIT
+            default
         }),
-    };
+    }
+}
 
-    let late_reply = match s.get("late_reply") {
-        None => crate::claim::LATE_REPLY,
-        Some(e) if e.value.trim() == "0" => Duration::ZERO,
-        Some(e) => seconds(&e.value).unwrap_or_else(|r| {
-            sink.invalid(s, e, r);
-            crate::claim::LATE_REPLY
-        }),
-    };
-
+/// `room` (with `nick`, `room_allow`), and what `mode` needs of the
+/// profile's recipients.
+fn profile_room(s: &Section, targets: &[String], mode: Mode, sink: &mut Sink) -> Option<Room> {
     let room = match s.get("room") {
         None => {
             for key in ["nick", "room_allow"] {
@@ -1302,7 +1447,7 @@ fn profile(
             }
             None
         }
-        Some(e) => room(s, e, &targets, sink),
+        Some(e) => room(s, e, targets, sink),
     };
     if mode == Mode::Route && room.is_some() {
         let e = s.get("room").expect("room is set");
@@ -1318,45 +1463,44 @@ fn profile(
     if matches!(mode, Mode::Notify | Mode::Missed) && targets.is_empty() && room.is_none() {
         sink.missing(s, "targets", " (this mode only sends messages)");
     }
+    room
+}
 
-    let account = s
-        .get("account")
-        .map(|e| e.value.clone())
-        .unwrap_or_default();
-    if account.is_empty() && (!targets.is_empty() || room.is_some()) {
-        sink.missing(s, "account", " (the profile has targets to send pops to)");
-    }
-
+/// `hold`: the sound files played in turn while the call waits.
+fn hold(s: &Section, sink: &mut Sink) -> Vec<String> {
     let mut hold: Vec<String> = Vec::new();
-    match s.get("hold") {
-        None => hold.push(DEFAULT_HOLD.into()),
-        Some(e) => match items(&e.value) {
-            Err(r) => sink.invalid(s, e, r),
-            Ok(list) if list.is_empty() => sink.invalid(s, e, "needs at least one sound file"),
-            Ok(list) => {
-                for f in list {
-                    if !sound_ok(f) {
-                        sink.invalid(
-                            s,
-                            e,
-                            format_args!("sound file `{f}`: use A-Z a-z 0-9 _ / . -"),
-                        );
-                    } else if hold.iter().any(|h| h == f) {
-                        sink.invalid(
-                            s,
-                            e,
-                            format_args!(
-                                "`{f}` is listed twice; the call could not tell them apart"
-                            ),
-                        );
-                    } else {
-                        hold.push(f.to_string());
-                    }
+    let Some(e) = s.get("hold") else {
+        hold.push(DEFAULT_HOLD.into());
+        return hold;
+    };
+    match items(&e.value) {
+        Err(r) => sink.invalid(s, e, r),
+        Ok(list) if list.is_empty() => sink.invalid(s, e, "needs at least one sound file"),
+        Ok(list) => {
+            for f in list {
+                if !sound_ok(f) {
+                    sink.invalid(
+                        s,
+                        e,
+                        format_args!("sound file `{f}`: use A-Z a-z 0-9 _ / . -"),
+                    );
+                } else if hold.iter().any(|h| h == f) {
+                    sink.invalid(
+                        s,
+                        e,
+                        format_args!("`{f}` is listed twice; the call could not tell them apart"),
+                    );
+                } else {
+                    hold.push(f.to_string());
                 }
             }
-        },
+        }
     }
+    hold
+}
 
+/// `variables`: the channel variables the call reads with `G`.
+fn variables(s: &Section, sink: &mut Sink) -> Vec<String> {
     let mut variables: Vec<String> = Vec::new();
     match s.get("variables") {
         None => variables.extend(DEFAULT_VARIABLES.iter().map(|v| v.to_string())),
@@ -1386,40 +1530,58 @@ fn profile(
             }
         }
     }
+    variables
+}
 
+/// `sip_headers`: the headers the dialplan copies for the texts.
+fn sip_headers(s: &Section, sink: &mut Sink) -> Vec<String> {
     let mut sip_headers: Vec<String> = Vec::new();
-    if let Some(e) = s.get("sip_headers") {
-        match items(&e.value) {
-            Err(r) => sink.invalid(s, e, r),
-            Ok(list) => {
-                for h in list {
-                    if !header_ok(h) {
-                        sink.invalid(s, e, format_args!("header `{h}`: use A-Z a-z 0-9 _ . -"));
-                    } else if !sip_headers.iter().any(|x| x.eq_ignore_ascii_case(h)) {
-                        sip_headers.push(h.to_string());
-                    }
+    let Some(e) = s.get("sip_headers") else {
+        return sip_headers;
+    };
+    match items(&e.value) {
+        Err(r) => sink.invalid(s, e, r),
+        Ok(list) => {
+            for h in list {
+                if !header_ok(h) {
+                    sink.invalid(s, e, format_args!("header `{h}`: use A-Z a-z 0-9 _ . -"));
+                } else if !sip_headers.iter().any(|x| x.eq_ignore_ascii_case(h)) {
+                    sip_headers.push(h.to_string());
                 }
             }
         }
     }
+    sip_headers
+}
 
+/// `forward_allow`: the numbers a reply may forward to.
+fn forward_allow(s: &Section, sink: &mut Sink) -> Vec<String> {
     let mut forward_allow = Vec::new();
-    if let Some(e) = s.get("forward_allow") {
-        match items(&e.value) {
-            Err(r) => sink.invalid(s, e, r),
-            Ok(list) => {
-                for p in list {
-                    match forward::validate_pattern(p) {
-                        Ok(()) => forward_allow.push(p.to_string()),
-                        Err(err) => sink.invalid(s, e, format_args!("`{p}`: {err}")),
-                    }
+    let Some(e) = s.get("forward_allow") else {
+        return forward_allow;
+    };
+    match items(&e.value) {
+        Err(r) => sink.invalid(s, e, r),
+        Ok(list) => {
+            for p in list {
+                match forward::validate_pattern(p) {
+                    Ok(()) => forward_allow.push(p.to_string()),
+                    Err(err) => sink.invalid(s, e, format_args!("`{p}`: {err}")),
                 }
             }
         }
     }
+    forward_allow
+}
 
+/// The `reply` rules, each word once; their prompts go to `prompts`.
+fn replies(
+    s: &Section,
+    forward_allow: &[String],
+    prompts: &mut Vec<(String, Location)>,
+    sink: &mut Sink,
+) -> Vec<ReplyRule> {
     let mut replies: Vec<ReplyRule> = Vec::new();
-    let mut prompts: Vec<(String, Location)> = Vec::new();
     let mut word_at: BTreeMap<String, Location> = BTreeMap::new();
     for e in s.all("reply") {
         let rule = match parse_reply(&e.value) {
@@ -1456,7 +1618,15 @@ fn profile(
             replies.push(rule);
         }
     }
+    replies
+}
 
+/// The `key` rules, each key once; their prompts go to `prompts`.
+fn keys(
+    s: &Section,
+    prompts: &mut Vec<(String, Location)>,
+    sink: &mut Sink,
+) -> BTreeMap<char, Action> {
     let mut keys = BTreeMap::new();
     let mut key_at: BTreeMap<char, Location> = BTreeMap::new();
     for e in s.all("key") {
@@ -1478,150 +1648,91 @@ fn profile(
             }
         }
     }
+    keys
+}
 
-    let timeout = match s.get("timeout") {
-        None => DEFAULT_TIMEOUT,
-        Some(e) => seconds(&e.value).unwrap_or_else(|r| {
-            sink.invalid(s, e, r);
-            DEFAULT_TIMEOUT
-        }),
-    };
-
-    let default_action = match s.get("default") {
-        None => Action {
+/// `default`: the action at the timeout; its prompt goes to `prompts`.
+fn default_action(s: &Section, prompts: &mut Vec<(String, Location)>, sink: &mut Sink) -> Action {
+    let Some(e) = s.get("default") else {
+        return Action {
             kind: ActionKind::Continue(DEFAULT_DEFAULT_LABEL.into()),
             prompt: None,
-        },
-        Some(e) => match parse_action(&e.value) {
-            Ok(a) if a.kind == ActionKind::Forward(None) => {
-                sink.invalid(s, e, "a timeout brings no number: use `forward NUMBER`");
-                a
-            }
-            Ok(a) => {
-                if let Some(p) = &a.prompt {
-                    prompts.push((p.clone(), e.at.clone()));
-                }
-                a
-            }
-            Err(r) => {
-                sink.invalid(s, e, r);
-                Action {
-                    kind: ActionKind::Hangup,
-                    prompt: None,
-                }
-            }
-        },
+        };
     };
+    match parse_action(&e.value) {
+        Ok(a) if a.kind == ActionKind::Forward(None) => {
+            sink.invalid(s, e, "a timeout brings no number: use `forward NUMBER`");
+            a
+        }
+        Ok(a) => {
+            if let Some(p) = &a.prompt {
+                prompts.push((p.clone(), e.at.clone()));
+            }
+            a
+        }
+        Err(r) => {
+            sink.invalid(s, e, r);
+            Action {
+                kind: ActionKind::Hangup,
+                prompt: None,
+            }
+        }
+    }
+}
 
-    for (p, at) in &prompts {
-        if hold.contains(p) {
-            let kind = ProblemKind::Invalid {
-                section: s.name.clone(),
-                key: "prompt".into(),
-                reason: format!(
-                    "`{p}` is also hold audio; the call could not tell when the prompt ends"
-                ),
-            };
-            sink.problem(at, kind);
+/// What the agents read: the pop (`template`), `help`, `confirm`, and the
+/// optional `taken`, `missed`, `url`, with where each was written.
+struct Texts {
+    help: String,
+    template: (String, Location),
+    confirm: (String, Location),
+    taken: Option<(String, Location)>,
+    missed: Option<(String, Location)>,
+    url: Option<(String, Location)>,
+}
+
+impl Texts {
+    fn of(s: &Section, replies: &[ReplyRule], sink: &mut Sink) -> Texts {
+        let text = |sink: &mut Sink, key: &str| -> Option<(String, Location)> {
+            let e = s.get(key)?;
+            match text_check(&e.value) {
+                Ok(()) => Some((e.value.clone(), e.at.clone())),
+                Err(r) => {
+                    sink.invalid(s, e, r);
+                    None
+                }
+            }
+        };
+        let help = text(sink, "help").map_or_else(|| default_help(replies), |(t, _)| t);
+        let template = text(sink, "template")
+            .unwrap_or_else(|| (format!("{DEFAULT_TEMPLATE_HEAD} {help}"), s.at.clone()));
+        let confirm =
+            text(sink, "confirm").unwrap_or_else(|| (DEFAULT_CONFIRM.to_string(), s.at.clone()));
+        Texts {
+            help,
+            template,
+            confirm,
+            taken: text(sink, "taken"),
+            missed: text(sink, "missed"),
+            url: text(sink, "url"),
         }
     }
 
-    let text = |sink: &mut Sink, key: &str| -> Option<(String, Location)> {
-        let e = s.get(key)?;
-        match text_check(&e.value) {
-            Ok(()) => Some((e.value.clone(), e.at.clone())),
-            Err(r) => {
-                sink.invalid(s, e, r);
-                None
-            }
-        }
-    };
-    let help = text(sink, "help").map_or_else(|| default_help(&replies), |(t, _)| t);
-    let (template, template_at) = text(sink, "template")
-        .unwrap_or_else(|| (format!("{DEFAULT_TEMPLATE_HEAD} {help}"), s.at.clone()));
-    let (confirm, confirm_at) =
-        text(sink, "confirm").unwrap_or_else(|| (DEFAULT_CONFIRM.to_string(), s.at.clone()));
-    // Defaults are not checked for empty placeholders: the admin did not
-    // write them.
-    let taken = text(sink, "taken");
-    let missed = text(sink, "missed");
-    let url = text(sink, "url");
-
-    if targets.is_empty() && room.is_none() {
-        if keys.is_empty() {
-            sink.warn(
-                &s.at,
-                format_args!(
-                    "[{}] has no targets and no keys: every call waits for the timeout",
-                    s.name
-                ),
-            );
-        }
-        if let Some(e) = s.get("reply") {
-            sink.warn(
-                &e.at,
-                format_args!("[{}] reply rules do nothing without targets", s.name),
-            );
-        }
-    } else {
-        let known = Known {
-            section: &s.name,
-            variables: &variables,
-            sip_headers: &sip_headers,
-            custom,
-        };
-        known.check(&template, &template_at, "template", true, sink);
-        known.check(&confirm, &confirm_at, "confirm", false, sink);
+    /// Warn about placeholders that stay empty. Defaults are not checked:
+    /// the admin did not write them.
+    fn check(&self, known: &Known, sink: &mut Sink) {
+        known.check(&self.template.0, &self.template.1, "template", true, sink);
+        known.check(&self.confirm.0, &self.confirm.1, "confirm", false, sink);
         for (key, text, is_pop) in [
-            ("taken", &taken, false),
-            ("missed", &missed, true),
-            ("url", &url, true),
+            ("taken", &self.taken, false),
+            ("missed", &self.missed, true),
+            ("url", &self.url, true),
         ] {
             if let Some((text, at)) = text {
                 known.check(text, at, key, is_pop, sink);
             }
         }
     }
-    if mode != Mode::Interactive {
-        for key in ["reply", "key"] {
-            if let Some(e) = s.get(key) {
-                sink.warn(
-                    &e.at,
-                    format_args!(
-                        "[{}] `{key}` rules do nothing in this mode: the call leaves without waiting",
-                        s.name
-                    ),
-                );
-            }
-        }
-    }
-
-    (sink.problems.len() == before).then(|| Profile {
-        name: s.name.clone(),
-        account,
-        targets,
-        template,
-        confirm,
-        help,
-        hold,
-        variables,
-        sip_headers,
-        replies,
-        keys,
-        timeout,
-        default_action,
-        forward_allow,
-        mode,
-        presence,
-        nobody,
-        presence_wait,
-        late_reply,
-        taken: taken.map_or_else(|| DEFAULT_TAKEN.to_string(), |(t, _)| t),
-        missed: missed.map_or_else(|| DEFAULT_MISSED.to_string(), |(t, _)| t),
-        url: url.map(|(u, _)| u),
-        room,
-        origin: s.at.to_string(),
-    })
 }
 
 /// `room`, `nick`, `room_allow`.
