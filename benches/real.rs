@@ -10,7 +10,7 @@
 //!   running `popivr serve`;
 //! - **res_xmpp**: `JabberSend` then `JABBER_RECEIVE` in the dialplan, on
 //!   res_xmpp's session (open before the call, like serve's);
-//! - **simulator**: the per-call profile under `popivr::sim` (Asterisk's
+//! - **simulator**: the per-call profile under `popivr_testkit::sim` (Asterisk's
 //!   part played in-process: one command line per wake-up, `G` reads plain
 //!   variables), the figure the per-call goal is measured against.
 //!
@@ -40,9 +40,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use popivr::sim::{Next, Sim, SimConfig};
-use popivr::testbed::asterisk::{Asterisk, Call, Originate};
-use popivr::testbed::free_port;
+use popivr_testkit::sim::{Next, Sim, SimConfig};
+use popivr_testkit::testbed::asterisk::{Asterisk, Call, Originate};
+use popivr_testkit::testbed::free_port;
 use stats::{Goal, Report, Samples, loadavg, machine};
 use support::pbx::{BIN, Daemon, shipped};
 use support::real::{HOLD, Progress, follow, sales_conf};
@@ -175,7 +175,7 @@ async fn run(rounds: usize, gap: Duration) {
         .tempdir()
         .expect("temp dir");
     let conf = dir.path().join("popivr.conf");
-    popivr::testbed::write_private(&conf, sales_conf(&xmpp, PBX_PW, "").as_bytes())
+    popivr_testkit::testbed::write_private(&conf, sales_conf(&xmpp, PBX_PW, "").as_bytes())
         .expect("popivr.conf");
     let port = free_port();
     let _daemon = Daemon::start(&conf, port);

@@ -39,7 +39,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use popivr::testbed::{Ejabberd, Server};
+use popivr_testkit::testbed::{Ejabberd, Server};
 use support::{Prosody, TestAgent, body};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

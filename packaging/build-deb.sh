@@ -14,15 +14,16 @@ fi
 
 target_dir=$(cargo metadata --format-version 1 --no-deps |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-cargo build --locked --release
+cargo build --locked --release -p popivr
 
-# Man pages from the clap CLI, compressed as Debian wants them; the asset
-# paths in Cargo.toml point here (cargo-deb maps target/release/ to the
-# real target directory).
+# Man pages from the CLI the binary parses (popivr::cli), rendered by the
+# testkit's popivr-man, compressed as Debian wants them; the asset paths in
+# Cargo.toml point here (cargo-deb maps target/release/ to the real target
+# directory). The binary itself carries no man page generator.
 man_dir="$target_dir/release/man"
 rm -rf "$man_dir"
 mkdir -p "$man_dir"
-"$target_dir/release/popivr" man "$man_dir"
+cargo run --locked --release --quiet -p popivr-testkit --bin popivr-man -- "$man_dir"
 gzip -9n "$man_dir"/*.1
 
-cargo deb --no-build --locked "$@"
+cargo deb --no-build --locked -p popivr "$@"

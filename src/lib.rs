@@ -2,13 +2,12 @@
 
 pub mod call;
 pub mod claim;
+pub mod cli;
 pub mod config;
 pub mod eivr;
 pub mod forward;
 pub mod logging;
 pub mod run;
 pub mod serve;
-pub mod sim;
 pub mod template;
-pub mod testbed;
 pub mod xmpp;

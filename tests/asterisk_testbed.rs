@@ -1,4 +1,4 @@
-//! The library's throw-away real Asterisk (`popivr::testbed::asterisk`):
+//! The library's throw-away real Asterisk (`popivr_testkit::testbed::asterisk`):
 //! that it starts and leaves nothing behind, and that what other tests
 //! rely on really happens on a real Asterisk — caller ID and DTMF from the
 //! caller half of a Local channel reach the PBX half, generated sounds
@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use popivr::testbed::asterisk::{Asterisk, Originate};
+use popivr_testkit::testbed::asterisk::{Asterisk, Originate};
 
 const WAIT: Duration = Duration::from_secs(15);
 

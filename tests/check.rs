@@ -8,8 +8,8 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use popivr::testbed::{self, Ejabberd, Prosody, Server};
 use popivr::xmpp::{self, Session, SessionOptions, XmppEvent, XmppStatus};
+use popivr_testkit::testbed::{self, Ejabberd, Prosody, Server};
 use support::{Start, account_section};
 
 const PBX_PW: &str = "check-Secret-a81f";

@@ -1,4 +1,4 @@
-//! popivr on a real Asterisk 23.4.1 (`popivr::testbed::asterisk`), with a
+//! popivr on a real Asterisk 23.4.1 (`popivr_testkit::testbed::asterisk`), with a
 //! real prosody and, in the tests ending `_on_ejabberd`, a stock ejabberd,
 //! in both modes: per call (`ExternalIVR(/path/popivr(...))`) and
 //! `ivr://` to `popivr serve`. Each test loads the **shipped**
@@ -15,8 +15,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use popivr::testbed::asterisk::{Asterisk, Call, Originate};
-use popivr::testbed::{Ejabberd, Server, free_port};
+use popivr_testkit::testbed::asterisk::{Asterisk, Call, Originate};
+use popivr_testkit::testbed::{Ejabberd, Server, free_port};
 use support::pbx::{self, BIN, Daemon, shipped, tests_on};
 use support::{Prosody, Start, TestAgent, WAIT, account_section, body, subscribe};
 

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use popivr::testbed::asterisk::{Asterisk, Call, Originate};
-use popivr::testbed::free_port;
+use popivr_testkit::testbed::asterisk::{Asterisk, Call, Originate};
+use popivr_testkit::testbed::free_port;
 use support::Prosody;
 use support::pbx::{BIN, Daemon, popivr_processes, shipped};
 use support::real::{HOLD, answer_every_pop, follow, online, sales_conf, summary};

@@ -16,8 +16,8 @@ mod support;
 
 use std::time::Duration;
 
-use popivr::testbed::asterisk::{Asterisk, Call, Originate};
-use popivr::testbed::{DOMAIN, Ejabberd, free_port};
+use popivr_testkit::testbed::asterisk::{Asterisk, Call, Originate};
+use popivr_testkit::testbed::{DOMAIN, Ejabberd, free_port};
 use support::pbx::{self, BIN, Daemon, shipped, tests_on};
 use support::{Prosody, Start, TestAgent, TestMessage, WAIT, account_section, body, subscribe};
 use xmpp_parsers::message::{Message, MessageType};

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use popivr::sim::replay::{Failure, Outcome, Runner};
-use popivr::sim::script::Script;
+use popivr_testkit::sim::replay::{Failure, Outcome, Runner};
+use popivr_testkit::sim::script::Script;
 use replay_agents::{AgentThread, Plan, XmppWorld};
 use support::TestAgent;
 use xmpp_parsers::message::Message;

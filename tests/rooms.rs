@@ -9,8 +9,8 @@ mod support;
 use std::path::PathBuf;
 
 use popivr::call::RealJids;
-use popivr::testbed::{self, Ejabberd, Server};
 use popivr::xmpp::{self, SessionOptions, XmppEvent, XmppStatus};
+use popivr_testkit::testbed::{self, Ejabberd, Server};
 use support::{Prosody, TestAgent, WAIT};
 use tokio::time::timeout;
 

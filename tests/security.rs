@@ -32,11 +32,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use popivr::sim::glob::{Glob, escape, unescape};
-use popivr::sim::replay::{Extension, Failure, Outcome, Runner, Setup};
-use popivr::sim::script::{ExtStep, Script, parse_duration};
-use popivr::sim::{Dir, Sim};
-use popivr::testbed::{Ejabberd, Server};
+use popivr_testkit::sim::glob::{Glob, escape, unescape};
+use popivr_testkit::sim::replay::{Extension, Failure, Outcome, Runner, Setup};
+use popivr_testkit::sim::script::{ExtStep, Script, parse_duration};
+use popivr_testkit::sim::{Dir, Sim};
+use popivr_testkit::testbed::{Ejabberd, Server};
 use support::{Prosody, TestAgent, TestMessage, WAIT, body};
 use xmpp_parsers::message::Message;
 
@@ -1272,12 +1272,12 @@ async fn serve_survives_a_soak_of_hostile_connections() {
     let dir = tempfile::tempdir().unwrap();
     let config = soak_config(dir.path());
     let daemon = Daemon::start(&config, &["--max-calls", "5000"]);
-    let call = popivr::sim::SimConfig::new(format!("ivr://{}(wait)", daemon.addr))
+    let call = popivr_testkit::sim::SimConfig::new(format!("ivr://{}(wait)", daemon.addr))
         .sound(soak_hold(), Duration::from_secs(1));
     let mut good = Sim::start(call).expect("a call");
     let first = good.next_command(WAIT).await;
     assert!(
-        matches!(&first, popivr::sim::Next::Command(c) if c.line == "P,x"),
+        matches!(&first, popivr_testkit::sim::Next::Command(c) if c.line == "P,x"),
         "{first:?}"
     );
     // The call is under way (hold audio) before the soak begins.

@@ -12,8 +12,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use popivr::sim::{EndReason, Next, Sim, SimConfig};
-use popivr::testbed::{Ejabberd, Server};
+use popivr_testkit::sim::{EndReason, Next, Sim, SimConfig};
+use popivr_testkit::testbed::{Ejabberd, Server};
 use support::{Prosody, Start, TestAgent, TestMessage, account_section, body};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xmpp_parsers::message::Message;
@@ -1140,9 +1140,9 @@ async fn systemd_hears_ready_reloading_and_stopping() {
 /// the daemon must have ended and cleaned up the call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_tests_run_the_same_over_ivr() {
-    use popivr::sim::glob::Glob;
-    use popivr::sim::replay::Runner;
-    use popivr::sim::script::{Script, Step, StepKind};
+    use popivr_testkit::sim::glob::Glob;
+    use popivr_testkit::sim::replay::Runner;
+    use popivr_testkit::sim::script::{Script, Step, StepKind};
 
     let mut files: Vec<PathBuf> = std::fs::read_dir("protocol-tests")
         .unwrap()

@@ -8,9 +8,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use popivr::sim::replay::{Outcome, Runner};
-use popivr::sim::script::Script;
-use popivr::testbed::{Ejabberd, Server};
+use popivr_testkit::sim::replay::{Outcome, Runner};
+use popivr_testkit::sim::script::Script;
+use popivr_testkit::testbed::{Ejabberd, Server};
 use support::{Prosody, TestAgent, body};
 
 const PBX_PW: &str = "pbx-Secret-0a9d";

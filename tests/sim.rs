@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use popivr::sim::{Dir, EndReason, ExitError, Next, Sim, SimConfig};
+use popivr_testkit::sim::{Dir, EndReason, ExitError, Next, Sim, SimConfig};
 
 const WAIT: Duration = Duration::from_secs(5);
 

@@ -1,11 +1,11 @@
-//! The library's throw-away prosody (`popivr::testbed`): the parts tests
+//! The library's throw-away prosody (`popivr_testkit::testbed`): the parts tests
 //! of other features rely on beyond plain logins — the multi-user chat
 //! service and extra virtual hosts.
 
 mod support;
 
-use popivr::testbed::Prosody;
 use popivr::xmpp;
+use popivr_testkit::testbed::Prosody;
 use support::TestAgent;
 
 const PW: &str = "testbed-Secret-4e1d";
@@ -62,7 +62,7 @@ async fn a_second_host_serves_its_own_users() {
 /// neither processes nor files behind.
 #[tokio::test]
 async fn ejabberd_runs_without_distribution_and_leaves_nothing() {
-    use popivr::testbed::Ejabberd;
+    use popivr_testkit::testbed::Ejabberd;
     let server = Ejabberd::builder().user("alice", PW).start();
     let pid = server.pid().expect("running") as libc::pid_t;
     let dir = server.scratch_dir().to_path_buf();
@@ -103,7 +103,7 @@ async fn ejabberd_runs_without_distribution_and_leaves_nothing() {
 /// only.
 #[tokio::test]
 async fn ejabberd_readme_settings_exempt_popivr_only() {
-    use popivr::testbed::Ejabberd;
+    use popivr_testkit::testbed::Ejabberd;
     let server = Ejabberd::builder()
         .config_line(
             "acl:\n  admin:\n     user:\n       - \"\"\n  local:\n    user_regexp: \"\"\n  \

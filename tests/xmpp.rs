@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use popivr::call::{Addressed, IncomingMessage, MsgKind, OutgoingMessage};
 use popivr::config::Account;
-use popivr::testbed::{Ejabberd, Server};
 use popivr::xmpp::{self, IncomingPresence, Session, Show, XmppEvent, XmppStatus};
+use popivr_testkit::testbed::{Ejabberd, Server};
 use support::{Prosody, TestAgent, TestCa, TestMessage, WAIT, Wrapper, body, free_port};
 use tokio::time::timeout;
 use xmpp_parsers::message::{Message, MessageType};

@@ -5,7 +5,7 @@
 //! A reader thread, already blocked in `read` before the child starts or
 //! the connection opens, timestamps each line as it arrives and answers
 //! `G` and `P` at once, as Asterisk does from the channel's thread. The
-//! bench plays Asterisk itself rather than through `popivr::sim` because
+//! bench plays Asterisk itself rather than through `popivr_testkit::sim` because
 //! it needs the child's pid (`wait4`, `/proc`) and these timestamps.
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -307,7 +307,7 @@ pub async fn floor_message(
 /// test agent uses it) logging in and sending one message, in this
 /// process.
 pub async fn client_message(
-    server: &dyn popivr::testbed::Server,
+    server: &dyn popivr_testkit::testbed::Server,
     user: &str,
     password: &str,
     agent: &mut TestAgent,

@@ -62,8 +62,8 @@ use std::time::{Duration, Instant};
 use asterisk::Program;
 use calls::{PopSeries, Start};
 use popivr::call::{OutgoingMessage, XmppStatus};
-use popivr::testbed::{Ejabberd, Server};
 use popivr::xmpp::XmppEvent;
+use popivr_testkit::testbed::{Ejabberd, Server};
 use stats::{Goal, Phases, Report, Samples, loadavg, machine, ms};
 use support::{Prosody, TestAgent};
 
@@ -1057,7 +1057,7 @@ timeout = 30
     for k in 0..plan.agents {
         conf.push_str(&pop(&format!("s{k}"), &server.jid(&scale_agent(k)), ""));
     }
-    popivr::testbed::write_private(&path, conf.as_bytes()).expect("write popivr.conf");
+    popivr_testkit::testbed::write_private(&path, conf.as_bytes()).expect("write popivr.conf");
     path
 }
 
@@ -1081,7 +1081,8 @@ timeout = 30
         ca = server.ca_pem().display(),
         target = server.jid(AGENT),
     );
-    popivr::testbed::write_private(&path, text.as_bytes()).expect("write the peer's config");
+    popivr_testkit::testbed::write_private(&path, text.as_bytes())
+        .expect("write the peer's config");
     path
 }
 

@@ -1,13 +1,13 @@
 //! What the real-Asterisk suites share: the shipped dialplan snippets,
 //! `popivr serve` as a child process, and what a test reads back from a
-//! test Asterisk (`popivr::testbed::asterisk`) about a call.
+//! test Asterisk (`popivr_testkit::testbed::asterisk`) about a call.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use popivr::testbed::Event;
-use popivr::testbed::asterisk::{Asterisk, Call};
+use popivr_testkit::testbed::Event;
+use popivr_testkit::testbed::asterisk::{Asterisk, Call};
 
 use super::WAIT;
 

@@ -1,4 +1,4 @@
 //! The throw-away prosody now lives in the library as
-//! [`popivr::testbed`]; this keeps `support::prosody::*` working.
+//! [`popivr_testkit::testbed`]; this keeps `support::prosody::*` working.
 
-pub use popivr::testbed::*;
+pub use popivr_testkit::testbed::*;

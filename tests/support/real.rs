@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use popivr::call::{OutgoingMessage, XmppStatus};
-use popivr::testbed::{Event, event_time};
 use popivr::xmpp::XmppEvent;
+use popivr_testkit::testbed::{Event, event_time};
 
 use super::{Prosody, WAIT, account_section};
 
@@ -130,7 +130,7 @@ pub struct Progress {
 /// Follows every AMI event once, keeping each call's progress by its
 /// `Linkedid` (the caller half's unique id, [`Call::id`]).
 pub fn follow(
-    pbx: popivr::testbed::Ami,
+    pbx: popivr_testkit::testbed::Ami,
     stop: Arc<AtomicBool>,
 ) -> (
     Arc<Mutex<HashMap<String, Progress>>>,

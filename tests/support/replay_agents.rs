@@ -29,10 +29,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use popivr::sim::Sim;
-use popivr::sim::glob::{Glob, escape, unescape};
-use popivr::sim::replay::{Extension, Setup};
-use popivr::sim::script::{ExtStep, Script, StepKind, parse_duration};
+use popivr_testkit::sim::Sim;
+use popivr_testkit::sim::glob::{Glob, escape, unescape};
+use popivr_testkit::sim::replay::{Extension, Setup};
+use popivr_testkit::sim::script::{ExtStep, Script, StepKind, parse_duration};
 use xmpp_parsers::message::{Message, MessageType};
 
 use crate::support::agent::{TestAgent, TestMessage, WAIT, Wrapper, body};

@@ -1,8 +1,8 @@
 //! The two kinds of throw-away XMPP server a test runs against (prosody
-//! and a stock ejabberd, `popivr::testbed`), started the same way, and the
+//! and a stock ejabberd, `popivr_testkit::testbed`), started the same way, and the
 //! popivr account section for either.
 
-use popivr::testbed::{Ejabberd, Prosody, Server};
+use popivr_testkit::testbed::{Ejabberd, Prosody, Server};
 
 /// A server kind a test can be generic over: `S::start_with(users)`.
 pub trait Start: Server + Sized + 'static {

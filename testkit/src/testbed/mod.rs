@@ -16,7 +16,7 @@
 //! never printed.
 //!
 //! ```no_run
-//! use popivr::testbed::Prosody;
+//! use popivr_testkit::testbed::Prosody;
 //! let server = Prosody::builder().user("pbx", "pw1").user("alice", "pw2").start();
 //! let account = server.account("pbx", "pw1"); // TLS with the test CA
 //! assert_eq!(server.jid("alice"), "alice@popivr.test");
@@ -42,7 +42,7 @@ pub use prosody::{Builder, Prosody};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::config::Account;
+use popivr::config::Account;
 
 /// Default XMPP domain of a test server. Connections go to 127.0.0.1 with
 /// `serverhost`, and the certificate is checked against this name.

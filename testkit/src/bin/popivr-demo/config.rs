@@ -1,7 +1,7 @@
 //! The demo's embedded configuration: one account for popivr, one agent,
 //! one profile, written to a private temp file for the real binary.
 
-use popivr::testbed::Prosody;
+use popivr_testkit::testbed::Prosody;
 
 /// The popivr account's user name on the throw-away server.
 pub const PBX_USER: &str = "pbx";

@@ -1,4 +1,4 @@
-//! `popivr demo`: the main job, end to end, on this machine.
+//! `popivr-demo`: the main job, end to end, on this machine (`.ci/demo`).
 //!
 //! A throw-away prosody on 127.0.0.1 (installed with apt-get if missing),
 //! two accounts on it (popivr's and the agent's), an embedded
@@ -18,9 +18,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use popivr::sim::{Dir, Sim, SimConfig, Transcript};
-use popivr::testbed::{self, Install, Prosody};
 use popivr::{call, template};
+use popivr_testkit::sim::{Dir, Sim, SimConfig, Transcript};
+use popivr_testkit::testbed::{self, Install, Prosody};
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use agent::Script;
@@ -42,8 +42,58 @@ pub struct Options {
     pub show_config: bool,
 }
 
+/// One call end to end on this machine, both sides shown.
+///
+/// Starts a throw-away prosody on 127.0.0.1 (installing the Debian package
+/// with apt-get when missing: root or sudo), registers a popivr account
+/// and an agent, runs the real popivr binary (the one beside this program,
+/// or $POPIVR_BIN) under a simulated Asterisk with an embedded
+/// configuration, and has a scripted agent reply to the pop. Prints the
+/// caller's audio commands, the pop as the agent sees it, the reply and
+/// the action, with times. Leaves nothing running.
+#[derive(clap::Parser)]
+#[command(name = "popivr-demo", version)]
+struct Cli {
+    /// What the agent replies: 1 (desk), 2 (voicemail, with a prompt),
+    /// `fwd 2001` (forward), h (hang up), or anything else (help text,
+    /// then the timeout after 30 s).
+    #[arg(long, default_value = "1", value_name = "TEXT")]
+    reply: String,
+    /// Seconds the agent takes to reply after the pop (0 to 60).
+    #[arg(long, default_value = "1.5", value_name = "SECONDS")]
+    think: f64,
+    /// Also print the configuration the call runs with (secret masked).
+    #[arg(long)]
+    show_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = <Cli as clap::Parser>::parse();
+    let think = Duration::try_from_secs_f64(cli.think)
+        .ok()
+        .filter(|d| *d <= Duration::from_secs(60));
+    let Some(think) = think else {
+        eprintln!("popivr-demo: --think takes seconds from 0 to 60");
+        return ExitCode::FAILURE;
+    };
+    let options = Options {
+        script: Script {
+            reply: cli.reply,
+            think,
+        },
+        show_config: cli.show_config,
+    };
+    match run(options) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("popivr-demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Run the demo; the exit code says whether the call went as scripted.
-pub fn main(options: Options) -> Result<ExitCode> {
+fn run(options: Options) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -69,7 +119,7 @@ pub fn main(options: Options) -> Result<ExitCode> {
 
 async fn demo(options: &Options) -> Result<ExitCode> {
     let t0 = Instant::now();
-    let exe = std::env::current_exe().context("cannot find popivr's own binary")?;
+    let exe = popivr_binary()?;
     println!("popivr demo: one call through {}", exe.display());
     println!();
 
@@ -317,4 +367,22 @@ fn server_down(mut server: Prosody, dir: tempfile::TempDir) -> Result<()> {
     server.stop();
     drop(server);
     dir.close().context("cannot remove the demo's temp dir")
+}
+
+/// The popivr binary the call runs: $POPIVR_BIN, else the one built beside
+/// this program (`cargo build` puts both in one directory).
+fn popivr_binary() -> Result<std::path::PathBuf> {
+    if let Some(bin) = std::env::var_os("POPIVR_BIN") {
+        return Ok(bin.into());
+    }
+    let me = std::env::current_exe().context("cannot find this program's path")?;
+    let beside = me.with_file_name("popivr");
+    if !beside.is_file() {
+        bail!(
+            "no popivr binary beside {} (build it: cargo build --release -p popivr; or set \
+             POPIVR_BIN)",
+            me.display()
+        );
+    }
+    Ok(beside)
 }

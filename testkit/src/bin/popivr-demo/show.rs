@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use popivr::sim::{Dir, Entry, Sim};
+use popivr_testkit::sim::{Dir, Entry, Sim};
 
 /// Lines younger than this wait for the other side's lines of the same
 /// moment, so the merged output stays in time order.

@@ -17,7 +17,7 @@
 //!
 //! ```no_run
 //! # async fn demo() {
-//! use popivr::testbed::asterisk::{Asterisk, Originate};
+//! use popivr_testkit::testbed::asterisk::{Asterisk, Originate};
 //! use std::time::Duration;
 //! let pbx = Asterisk::builder()
 //!     .dialplan(

@@ -1,13 +1,23 @@
-//! `popivr demo` as a new user runs it: the built binary, its own
-//! throw-away prosody, one call. The transcript must show the whole story
+//! The demo (`.ci/demo`, `popivr-demo`) as a new user runs it: the built
+//! popivr binary beside it, its own throw-away prosody, one call. The transcript must show the whole story
 //! in order, and nothing may be left behind, also after Ctrl-C.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+/// The demo program, run as `.ci/demo` runs it: it finds the popivr
+/// binary beside itself (`cargo test --workspace` builds both into one
+/// directory).
 fn popivr() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_popivr"));
+    let demo = Path::new(env!("CARGO_BIN_EXE_popivr-demo"));
+    assert!(
+        demo.with_file_name("popivr").is_file(),
+        "no popivr binary beside {}: run the tests with --workspace (or cargo build -p popivr)",
+        demo.display()
+    );
+    let mut cmd = Command::new(demo);
+    cmd.env_remove("POPIVR_BIN");
     // The demo must not depend on the caller's configuration.
     cmd.env("POPIVR_CONFIG", "/nonexistent/popivr.conf");
     cmd
@@ -65,7 +75,7 @@ fn assert_nothing_left(lines: &[String]) {
 #[test]
 fn the_demo_shows_a_pop_a_reply_and_the_action() {
     let out = popivr()
-        .args(["demo", "--think", "0.3"])
+        .args(["--think", "0.3"])
         .output()
         .expect("run popivr demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -122,7 +132,7 @@ fn the_demo_shows_a_pop_a_reply_and_the_action() {
 fn ctrl_c_leaves_nothing_running() {
     let mut child = popivr()
         // A long think keeps the call waiting until the signal.
-        .args(["demo", "--think", "30"])
+        .args(["--think", "30"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -54,7 +54,7 @@
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! use std::time::Duration;
-//! use popivr::sim::{Next, Sim, SimConfig};
+//! use popivr_testkit::sim::{Next, Sim, SimConfig};
 //!
 //! let config = SimConfig::new("/usr/bin/popivr(keys)")
 //!     .env("POPIVR_CONFIG", "/tmp/popivr.conf")
