@@ -39,7 +39,9 @@
 //! `BENCH_AGENTS` agents for the scale runs (25), `BENCH_BURST` per-call
 //! processes at once (50,200), `BENCH_PEER_BURST` (50), `BENCH_GAP_MS`
 //! pause before each single call (250), `BENCH_POPIVR` another popivr
-//! build, `BENCH_NO_PEER=1`, `BENCH_SMOKE=1` (one of each, no verdicts),
+//! build, `BENCH_POPIVR_B` a second build whose per-call calls run
+//! interleaved with this one's (A B A B …; rows `B:` and B/A ratios),
+//! `BENCH_NO_PEER=1`, `BENCH_SMOKE=1` (one of each, no verdicts),
 //! `BENCH_SMAPS=<prefix>` (smaps of the first call of each kind),
 //! `BENCH_STRACE=<file>` (one more call under strace, not counted).
 //!
@@ -382,10 +384,19 @@ async fn percall(
 ) {
     report.section("Per-call mode, one call at a time");
     let keys_prog = popivr_program(conf, "keys");
+    let b_bin = std::env::var_os("BENCH_POPIVR_B").map(PathBuf::from);
+    let b_program = |profile: &str| {
+        b_bin.as_ref().map(|bin| Program {
+            path: bin.clone(),
+            ..popivr_program(conf, profile)
+        })
+    };
+    let b_keys_prog = b_program("keys");
     let mut exec = Samples::default();
     let mut key_to_e = Samples::default();
     let mut hwm = Samples::default();
     let mut exit = Samples::default();
+    let mut b_hwm = Samples::default();
     for i in 0..plan.warmup + plan.rounds {
         let c = calls::keys_call(&keys_prog, i).await;
         if i >= plan.warmup {
@@ -393,6 +404,12 @@ async fn percall(
             key_to_e.push(c.action);
             hwm.push_kib_as_mib(c.mem.hwm);
             exit.push(c.exit);
+        }
+        if let Some(b) = &b_keys_prog {
+            let c = calls::keys_call(b, i).await;
+            if i >= plan.warmup {
+                b_hwm.push_kib_as_mib(c.mem.hwm);
+            }
         }
     }
 
@@ -403,6 +420,8 @@ async fn percall(
     // previous confirmation closely waits for that ACK (BENCHMARKS.md).
     let avail_prog = popivr_program(conf, "pop");
     let any_prog = popivr_program(conf, "popany");
+    let b_avail_prog = b_program("pop");
+    let mut b_avail = PopSeries::default();
     let mut avail = PopSeries::default();
     let mut any = PopSeries::default();
     let mut peer_avail = PopSeries::default();
@@ -419,6 +438,13 @@ async fn percall(
             calls::pop_call(Start::Process(&avail_prog), agent, n).await,
             counted,
         );
+        if let Some(b) = &b_avail_prog {
+            gap().await;
+            b_avail.take(
+                calls::pop_call(Start::Process(b), agent, n + 5).await,
+                counted,
+            );
+        }
         gap().await;
         any.take(
             calls::pop_call(Start::Process(&any_prog), agent, n + 1).await,
@@ -543,11 +569,11 @@ async fn percall(
             reply,
         ),
         ("caller key → E, keys-only", &key_to_e, Goal::None, None),
-        ("peak RSS (VmHWM), keys-only", &hwm, Goal::MaxMib(6.0), None),
+        ("peak RSS (VmHWM), keys-only", &hwm, Goal::MaxMib(4.0), None),
         (
             "peak RSS (VmHWM), with a target",
             &avail.hwm,
-            Goal::MaxMib(6.0),
+            Goal::MaxMib(4.0),
             None,
         ),
         (
@@ -586,6 +612,27 @@ async fn percall(
     ];
     for (name, samples, goal, plot) in rows {
         report.row_plot(name, samples.clone(), goal, plot);
+    }
+    if let Some(bin) = &b_bin {
+        let b = "B: the BENCH_POPIVR_B build";
+        report.note(format!("{b} is {}", bin.display()));
+        for (name, samples) in [
+            ("B: exec → pop, presence = available", &b_avail.pop),
+            ("B: agent reply → E, per-call", &b_avail.reply),
+            ("B: peak RSS (VmHWM), keys-only", &b_hwm),
+            ("B: peak RSS (VmHWM), with a target", &b_avail.hwm),
+        ] {
+            report.row_plot(name, samples.clone(), Goal::None, None);
+        }
+        report.ratio(
+            "exec → pop, presence = available",
+            &avail.pop,
+            &b_avail.pop,
+            b,
+        );
+        report.ratio("agent reply → E", &avail.reply, &b_avail.reply, b);
+        report.ratio("peak RSS, keys-only", &hwm, &b_hwm, b);
+        report.ratio("peak RSS, with a target", &avail.hwm, &b_avail.hwm, b);
     }
     // One more call under strace, on request: where a pop's time goes.
     if let Some(file) = std::env::var_os("BENCH_STRACE") {
