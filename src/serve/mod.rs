@@ -143,8 +143,6 @@ pub async fn serve(opts: Options, log: Logger) -> Result<()> {
         }
     };
 
-    // Drain: no new calls (Asterisk tries its next address), the running
-    // ones end on their own or take their default action at the bound.
     notify("STOPPING=1");
     for acceptor in &acceptors {
         acceptor.abort();
@@ -154,29 +152,48 @@ pub async fn serve(opts: Options, log: Logger) -> Result<()> {
         calls.running(),
         opts.drain_timeout
     ));
-    let deadline = Instant::now() + opts.drain_timeout;
-    let expired = tokio::select! {
-        _ = calls.all_done() => false,
-        _ = tokio::time::sleep_until(deadline) => true,
-        _ = term.recv() => true,
-        _ = int.recv() => true,
-    };
-    if expired && calls.running() > 0 {
-        log.info(&format!(
-            "{} call(s) still running: default action now",
-            calls.running()
-        ));
-        let _ = control.send(Control::Expire);
-        if timeout(EXPIRE_GRACE, calls.all_done()).await.is_err() {
-            log.warn("calls still open after their default action: closing them");
-            let _ = control.send(Control::Stop("shutting down"));
-            // Whatever is left ends with the process.
-            let _ = timeout(Duration::from_secs(1), calls.all_done()).await;
+    let signals = async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
+    };
+    drain(&calls, &control, opts.drain_timeout, signals, &log).await;
     daemon.shutdown().await;
     log.info("stopped");
     Ok(())
+}
+
+/// The drain: no new calls (Asterisk tries its next address); the running
+/// ones end on their own, or take their default action once `bound` has
+/// passed or `again` (a second SIGTERM or SIGINT) comes, and are closed
+/// if they still do not end.
+async fn drain(
+    calls: &Calls,
+    control: &watch::Sender<Control>,
+    bound: Duration,
+    again: impl std::future::Future<Output = ()>,
+    log: &Logger,
+) {
+    let expired = tokio::select! {
+        _ = calls.all_done() => false,
+        _ = tokio::time::sleep_until(Instant::now() + bound) => true,
+        _ = again => true,
+    };
+    if !expired || calls.running() == 0 {
+        return;
+    }
+    log.info(&format!(
+        "{} call(s) still running: default action now",
+        calls.running()
+    ));
+    let _ = control.send(Control::Expire);
+    if timeout(EXPIRE_GRACE, calls.all_done()).await.is_err() {
+        log.warn("calls still open after their default action: closing them");
+        let _ = control.send(Control::Stop("shutting down"));
+        // Whatever is left ends with the process.
+        let _ = timeout(Duration::from_secs(1), calls.all_done()).await;
+    }
 }
 
 /// The calls: started by the acceptors, counted for `--max-calls` and
