@@ -80,15 +80,23 @@ impl ServerBase {
     pub fn freeze(&self) {
         self.signal(libc::SIGSTOP);
         let Some(pid) = self.pid() else { return };
+        // Every thread (ejabberd's VM has many): the leader shows `T` as
+        // soon as it has stopped, while another may still handle a stanza.
+        let thread_stopped = |stat: String| {
+            // The state follows the parenthesised command name.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().next().map(|s| s == "T" || s == "t")
+        };
         let stopped = || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    // The state follows the parenthesised command name.
-                    let rest = &stat[stat.rfind(')')? + 1..];
-                    rest.split_whitespace().next().map(|s| s == "T" || s == "t")
-                })
-                .unwrap_or(true)
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return true;
+            };
+            tasks.flatten().all(|task| {
+                std::fs::read_to_string(task.path().join("stat"))
+                    .ok()
+                    .and_then(thread_stopped)
+                    .unwrap_or(true)
+            })
         };
         let t0 = std::time::Instant::now();
         while !stopped() && t0.elapsed() < std::time::Duration::from_secs(5) {
@@ -168,9 +176,14 @@ impl ServerBase {
         };
         let pgid = -(child.id() as libc::pid_t);
         unsafe {
-            // A frozen server cannot act on SIGTERM.
-            libc::kill(pgid, libc::SIGCONT);
             libc::kill(pgid, sig);
+            // A frozen server cannot act on SIGTERM; SIGKILL needs no
+            // help, and a continued server would first read and answer
+            // what waited in its socket (a test of what a server never
+            // read would then find it read).
+            if sig != libc::SIGKILL {
+                libc::kill(pgid, libc::SIGCONT);
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
