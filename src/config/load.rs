@@ -493,33 +493,14 @@ fn build(ini: Ini) -> Result<Config, ConfigError> {
         }
     }
 
-    // Imported accounts: popivr.conf wins by name; the problems of one only
-    // count if a profile uses it.
     let used: BTreeSet<&str> = profile_sections
         .iter()
         .filter_map(|s| s.get("account"))
         .map(|e| e.value.as_str())
         .collect();
-    for (name, parsed) in imported {
-        if own_accounts.contains(name.as_str()) {
-            continue;
-        }
-        if used.contains(name.as_str()) || parsed.sink.problems.is_empty() {
-            sink.absorb(parsed.sink);
-            if let Some((a, at)) = parsed.account {
-                secrets.insert(name.clone(), at);
-                config.accounts.insert(name, a);
-            }
-        } else {
-            let first = &parsed.sink.problems[0];
-            sink.warn(
-                &parsed.at,
-                format_args!(
-                    "[{name}] is left out: popivr cannot use it ({}: {}), and no profile does",
-                    first.at, first.kind
-                ),
-            );
-        }
+    for (name, (a, at)) in take_imported(imported, &own_accounts, &used, &mut sink) {
+        secrets.insert(name.clone(), at);
+        config.accounts.insert(name, a);
     }
 
     for s in agent_sections {
@@ -580,6 +561,40 @@ fn build(ini: Ini) -> Result<Config, ConfigError> {
             problems: sink.problems,
         })
     }
+}
+
+/// The accounts imported from xmpp.conf that popivr takes: popivr.conf's
+/// own sections win by name, and the problems of one only count if a
+/// profile (`used`) names it; one nobody uses and popivr cannot use is left
+/// out with a warning.
+fn take_imported(
+    imported: BTreeMap<String, Imported>,
+    own: &BTreeSet<&str>,
+    used: &BTreeSet<&str>,
+    sink: &mut Sink,
+) -> Vec<(String, (Account, Location))> {
+    let mut taken = Vec::new();
+    for (name, parsed) in imported {
+        if own.contains(name.as_str()) {
+            continue;
+        }
+        if used.contains(name.as_str()) || parsed.sink.problems.is_empty() {
+            sink.absorb(parsed.sink);
+            if let Some(account) = parsed.account {
+                taken.push((name, account));
+            }
+        } else {
+            let first = &parsed.sink.problems[0];
+            sink.warn(
+                &parsed.at,
+                format_args!(
+                    "[{name}] is left out: popivr cannot use it ({}: {}), and no profile does",
+                    first.at, first.kind
+                ),
+            );
+        }
+    }
+    taken
 }
 
 fn is_general(s: &Section) -> bool {
@@ -816,15 +831,6 @@ fn general(s: &Section, sink: &mut Sink) -> General {
 fn account(s: &Section, sink: &mut Sink, warn_ignored: bool) -> Option<(Account, Location)> {
     let before = sink.problems.len();
     check_keys(s, CLIENT_KEYS, CLIENT_IGNORED, warn_ignored, sink);
-    let flag = |sink: &mut Sink, key: &str, default: bool| -> bool {
-        match s.get(key) {
-            None => default,
-            Some(e) => bool_value(&e.value).unwrap_or_else(|| {
-                sink.invalid(s, e, format_args!("`{}` is not yes or no", e.value));
-                default
-            }),
-        }
-    };
 
     let username = match s.get("username") {
         None => {
@@ -874,6 +880,56 @@ fn account(s: &Section, sink: &mut Sink, warn_ignored: bool) -> Option<(Account,
             }
         },
     };
+    let (usetls, usesasl, allow_plaintext) = login_security(s, sink);
+    let ca_file = s.get("ca_file").and_then(|e| {
+        let p = resolve(&e.at.file, &e.value);
+        if e.value.is_empty() || !p.is_file() {
+            sink.invalid(s, e, format_args!("no such file: {}", p.display()));
+            return None;
+        }
+        Some(p)
+    });
+    let timeout = seconds_key(s, "timeout", DEFAULT_ACCOUNT_TIMEOUT, sink);
+    let statusmessage = s.get("statusmessage").map(|e| {
+        if let Err(r) = text_check(&e.value) {
+            sink.invalid(s, e, r);
+        }
+        e.value.clone()
+    });
+
+    let account = Account {
+        name: s.name.clone(),
+        username,
+        secret,
+        serverhost,
+        port,
+        usetls,
+        usesasl,
+        allow_plaintext,
+        ca_file,
+        statusmessage,
+        timeout,
+        origin: s.at.to_string(),
+    };
+    match secret_at {
+        Some(at) if sink.problems.len() == before => Some((account, at)),
+        _ => None,
+    }
+}
+
+/// How an account logs in: `usetls`, `usesasl`, `allow_plaintext`, with
+/// the login ways popivr refuses (plaintext without the second key, the
+/// old non-SASL login, direct TLS, OAuth) named.
+fn login_security(s: &Section, sink: &mut Sink) -> (bool, bool, bool) {
+    let flag = |sink: &mut Sink, key: &str, default: bool| -> bool {
+        match s.get(key) {
+            None => default,
+            Some(e) => bool_value(&e.value).unwrap_or_else(|| {
+                sink.invalid(s, e, format_args!("`{}` is not yes or no", e.value));
+                default
+            }),
+        }
+    };
     let usetls = flag(sink, "usetls", true);
     let usesasl = flag(sink, "usesasl", true);
     let allow_plaintext = flag(sink, "allow_plaintext", false);
@@ -907,46 +963,7 @@ fn account(s: &Section, sink: &mut Sink, warn_ignored: bool) -> Option<(Account,
             sink.invalid(s, e, "OAuth login is not supported; use `secret`");
         }
     }
-    let ca_file = s.get("ca_file").and_then(|e| {
-        let p = resolve(&e.at.file, &e.value);
-        if e.value.is_empty() || !p.is_file() {
-            sink.invalid(s, e, format_args!("no such file: {}", p.display()));
-            return None;
-        }
-        Some(p)
-    });
-    let timeout = match s.get("timeout") {
-        None => DEFAULT_ACCOUNT_TIMEOUT,
-        Some(e) => seconds(&e.value).unwrap_or_else(|r| {
-            sink.invalid(s, e, r);
-            DEFAULT_ACCOUNT_TIMEOUT
-        }),
-    };
-    let statusmessage = s.get("statusmessage").map(|e| {
-        if let Err(r) = text_check(&e.value) {
-            sink.invalid(s, e, r);
-        }
-        e.value.clone()
-    });
-
-    let account = Account {
-        name: s.name.clone(),
-        username,
-        secret,
-        serverhost,
-        port,
-        usetls,
-        usesasl,
-        allow_plaintext,
-        ca_file,
-        statusmessage,
-        timeout,
-        origin: s.at.to_string(),
-    };
-    match secret_at {
-        Some(at) if sink.problems.len() == before => Some((account, at)),
-        _ => None,
-    }
+    (usetls, usesasl, allow_plaintext)
 }
 
 fn agent(s: &Section, sink: &mut Sink) -> Option<Agent> {
