@@ -118,42 +118,51 @@ fn placeholders(config: &Config) -> Vec<String> {
             .iter()
             .any(|d| host == *d || host.ends_with(&format!(".{d}")))
     };
-    let mut found = Vec::new();
-    let mut name = |section: &str, key: &str, value: &str| {
-        if example(value) {
-            found.push(format!(
-                "[{section}] {key}: `{value}` is an example name (RFC 2606)"
-            ));
-        }
-    };
+    let mut found: Vec<String> = config
+        .accounts
+        .iter()
+        .filter(|(_, a)| a.secret == SAMPLE_SECRET)
+        .map(|(section, _)| format!("[{section}] secret: still the sample's `{SAMPLE_SECRET}`"))
+        .collect();
+    // (section, key, name) of every name the file gives.
+    let mut names: Vec<(&str, &str, &str)> = Vec::new();
     for (section, a) in &config.accounts {
-        name(section, "username", &a.username);
-        if let Some(host) = &a.serverhost {
-            name(section, "serverhost", host);
-        }
+        names.push((section, "username", &a.username));
+        names.extend(
+            a.serverhost
+                .as_deref()
+                .map(|h| (section.as_str(), "serverhost", h)),
+        );
     }
     for (section, p) in &config.profiles {
-        for t in &p.targets {
-            name(section, "targets", t);
-        }
-        if let Some(room) = &p.room {
-            name(section, "room", &room.jid);
-        }
+        names.extend(
+            p.targets
+                .iter()
+                .map(|t| (section.as_str(), "targets", t.as_str())),
+        );
+        names.extend(
+            p.room
+                .as_ref()
+                .map(|r| (section.as_str(), "room", r.jid.as_str())),
+        );
         let url_host = p.url.as_deref().and_then(|u| u.split("://").nth(1));
-        if let Some(host) = url_host.and_then(|r| r.split(['/', '?', ':']).next()) {
-            name(section, "url", host);
-        }
+        let url_host = url_host.and_then(|r| r.split(['/', '?', ':']).next());
+        names.extend(url_host.map(|h| (section.as_str(), "url", h)));
     }
-    for jid in config.agents.keys() {
-        name(jid, "jid", jid);
-    }
-    for (section, a) in &config.accounts {
-        if a.secret == SAMPLE_SECRET {
-            found.push(format!(
-                "[{section}] secret: still the sample's `{SAMPLE_SECRET}`"
-            ));
-        }
-    }
+    names.extend(
+        config
+            .agents
+            .keys()
+            .map(|jid| (jid.as_str(), "jid", jid.as_str())),
+    );
+    found.extend(
+        names
+            .into_iter()
+            .filter(|(_, _, value)| example(value))
+            .map(|(section, key, value)| {
+                format!("[{section}] {key}: `{value}` is an example name (RFC 2606)")
+            }),
+    );
     found
 }
 

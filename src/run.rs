@@ -158,9 +158,10 @@ pub trait Link: Send {
     fn send(&mut self, msg: OutgoingMessage, log: &Logger);
     /// The call has taken its action (described by `outcome`).
     fn decided(&mut self, _outcome: &str) {}
-    /// The call is over for these agents (`Call::asked`): it took its
-    /// action or, if it never did, ended. Answers they wrote for it may
-    /// still come within `window`. Called once.
+    /// The call is over for these agents (`Call::asked`, never empty): it
+    /// took its action or, if it never did, ended. Answers they wrote for
+    /// it may still come within `window` (never zero). Called at most
+    /// once.
     fn answers_may_follow(&mut self, _agents: Vec<String>, _window: Duration) {}
     /// The next XMPP input for the call; pends for ever when none can come.
     /// Must be cancel-safe: it sits in a `select!`.
@@ -266,9 +267,7 @@ where
     reader.abort();
     if !shell.decided {
         // Over without an action of its own (the caller hung up, a stop).
-        shell
-            .link
-            .answers_may_follow(call.asked(), call.late_reply());
+        shell.over(&call);
     }
     shell.link.close().await;
     end
@@ -283,6 +282,16 @@ struct Shell<'a, L> {
 }
 
 impl<L: Link> Shell<'_, L> {
+    /// The call is over for the agents it asked: answers they wrote for it
+    /// may still come within its `late_reply` (nothing to say when that
+    /// is off, or nobody was asked).
+    fn over(&mut self, call: &Call) {
+        let (agents, window) = (call.asked(), call.late_reply());
+        if !agents.is_empty() && !window.is_zero() {
+            self.link.answers_may_follow(agents, window);
+        }
+    }
+
     /// Carry out the outputs in order; the commands go to the writer as
     /// one batch at the end (it sees to it that Asterisk handles each
     /// one). `Err` once the call is over.
@@ -316,8 +325,7 @@ impl<L: Link> Shell<'_, L> {
             self.decided = true;
             // That answers may follow is stored before the account's
             // other sessions hear that it decided.
-            self.link
-                .answers_may_follow(call.asked(), call.late_reply());
+            self.over(call);
             self.link.decided(outcome);
         }
         out.send(batch);
@@ -481,9 +489,7 @@ impl Link for OwnSession {
     fn answers_may_follow(&mut self, agents: Vec<String>, window: Duration) {
         // Before the session closes: the server handles it before it
         // handles the close, and so before any later call's read.
-        let Some(session) = self.session.as_ref().filter(|_| !window.is_zero()) else {
-            return;
-        };
+        let Some(session) = &self.session else { return };
         let at = wall_ms();
         for agent in agents {
             let call = self.claims.call().to_string();

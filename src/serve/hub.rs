@@ -171,7 +171,7 @@ impl Link for HubLink {
     }
 
     fn answers_may_follow(&mut self, agents: Vec<String>, window: Duration) {
-        if self.opened && !window.is_zero() {
+        if self.opened {
             self.hub.cmd(Cmd::Over(self.n, agents, window));
         }
     }

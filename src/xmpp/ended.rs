@@ -64,6 +64,11 @@ pub(super) fn remember(id: String, agent: &str, ended: &Ended) -> Iq {
     }
 }
 
+/// Whether `id` is one of our storage requests' (a store or a read).
+pub(super) fn ours(id: &str) -> bool {
+    id.starts_with(RECALL_ID) || id.starts_with(REMEMBER_ID)
+}
+
 /// Ask for `agent`'s last ended call.
 pub(super) fn recall(id: String, agent: &str) -> Iq {
     Iq::Get {

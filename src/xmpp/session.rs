@@ -23,7 +23,7 @@ use xmpp_parsers::{
 
 use super::ended;
 use super::error::{Phase, XmppError, io_reason};
-use super::login::{Connection, Stream, login, send};
+use super::login::{Connection, Stream, condition_name, login, send};
 use super::stanza::{
     announcing_presence, created_room, incoming_message, incoming_presence, join_room,
     outgoing_message, own_presence, room_real_jids, roster_item,
@@ -216,13 +216,15 @@ impl Outbox {
         }
     }
 
-    /// The answer (result or error) to our recall `id`, if it is one:
-    /// the event for it.
-    fn recalled(
-        &mut self,
-        id: &str,
-        result: Result<Option<&Element>, String>,
-    ) -> Option<XmppEvent> {
+    /// The event for `iq` when it answers one of our recalls. A store's
+    /// answer needs none: a server that refuses stores refuses reads too,
+    /// and the next call's read says so.
+    fn recalled(&mut self, iq: &Iq) -> Option<XmppEvent> {
+        let (id, result) = match iq {
+            Iq::Result { id, payload, .. } => (id, Ok(payload.as_ref())),
+            Iq::Error { id, error, .. } => (id, Err(condition_name(&error.defined_condition))),
+            _ => return None,
+        };
         let n = id.strip_prefix(ended::RECALL_ID)?.parse::<u64>().ok()?;
         let at = self.recalls.iter().position(|(m, _)| *m == n)?;
         let (_, agent) = self.recalls.remove(at);
@@ -432,16 +434,7 @@ async fn relay(
                     }
                     Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(Stanza::Iq(
                         iq @ (Iq::Result { .. } | Iq::Error { .. }),
-                    ))))) if storage_answer(&iq).is_some() => {
-                        let (id, result) = storage_answer(&iq).expect("checked");
-                        let event = outbox.recalled(id, result);
-                        if let Iq::Error { error, .. } = &iq
-                            && id.starts_with(ended::REMEMBER_ID)
-                        {
-                            log::warn!("xmpp: the server did not store an ended call: {:?}", error.defined_condition);
-                        }
-                        event
-                    }
+                    ))))) if ended::ours(iq.id()) => outbox.recalled(&iq),
                     Some(Ok(FallibleStreamElement::Ok(el))) => match on_element(stream, el, ctx).await {
                         Ok(event) => event,
                         Err(end) => return end,
@@ -476,17 +469,6 @@ async fn relay(
             }
         }
     }
-}
-
-/// The id and outcome of an answer to one of our storage requests.
-fn storage_answer(iq: &Iq) -> Option<(&str, Result<Option<&Element>, String>)> {
-    let (id, result) = match iq {
-        Iq::Result { id, payload, .. } => (id, Ok(payload.as_ref())),
-        Iq::Error { id, error, .. } => (id, Err(format!("{:?}", error.defined_condition))),
-        _ => return None,
-    };
-    let ours = id.starts_with(ended::RECALL_ID) || id.starts_with(ended::REMEMBER_ID);
-    ours.then_some((id.as_str(), result))
 }
 
 /// Write one element. With `watch` (the keepalive), a write that waits
@@ -740,19 +722,14 @@ async fn handle_cmd(
         Cmd::Announce(status, a) => announcing_presence(status.as_deref(), &a).into(),
         Cmd::Remember(agent, e) => {
             outbox.next_iq += 1;
-            ended::remember(
-                format!("{}{}", ended::REMEMBER_ID, outbox.next_iq),
-                &agent,
-                &e,
-            )
-            .into()
+            let id = format!("{}{}", ended::REMEMBER_ID, outbox.next_iq);
+            ended::remember(id, &agent, &e).into()
         }
         Cmd::Recall(agent) => {
             outbox.next_iq += 1;
-            let n = outbox.next_iq;
-            let iq = ended::recall(format!("{}{n}", ended::RECALL_ID), &agent);
-            outbox.recalls.push((n, agent));
-            iq.into()
+            let id = format!("{}{}", ended::RECALL_ID, outbox.next_iq);
+            outbox.recalls.push((outbox.next_iq, agent.clone()));
+            ended::recall(id, &agent).into()
         }
     };
     write(
