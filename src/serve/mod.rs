@@ -473,42 +473,10 @@ impl Daemon {
         let (rd, mut wr) = stream.into_split();
         let rd = QuickAck(rd);
         let mut events = LineReader::new(BufReader::with_capacity(READ_BUFFER, rd));
-        let asked = Instant::now();
-        // The variables go with `P`: their answers come right after its
-        // own, one round trip sooner than if they waited for the profile.
         let prefetch = self.current().prefetch.clone();
-        let first: Vec<Command> = std::iter::once(Command::GetParams)
-            .chain(prefetch.iter().map(|n| Command::GetVars(vec![n.clone()])))
-            .collect();
-        if write_commands(&mut wr, &first).await.is_err() {
-            log.info(&format!("connection from {peer} closed at once"));
+        let Some((params, early)) = greet(&mut wr, &mut events, &prefetch, peer, &log).await else {
             return;
-        }
-        let (params, early) = match timeout(PARAMS_WAIT, read_params(&mut events, &log)).await {
-            Ok(Some(answer)) => answer,
-            Ok(None) => {
-                log.info(&format!("{peer} hung up before the call began"));
-                return;
-            }
-            Err(_) => {
-                log.warn(&format!(
-                    "no answer to P from {peer} within {PARAMS_WAIT:?}: not Asterisk? closing"
-                ));
-                return;
-            }
         };
-        if !prefetch.is_empty() && eivr::drain_after_answer(&mut wr).await.is_err() {
-            log.info(&format!("{peer} closed the connection"));
-            return;
-        }
-        log.debug(&format!(
-            "parameters in {}us: {}",
-            asked.elapsed().as_micros(),
-            params.join(",")
-        ));
-        if params.join(",").len() == P_BUFFER_FULL {
-            log.warn("the P answer fills Asterisk's 99-byte buffer: arguments may be cut");
-        }
         // `ivr://host:port`, then the arguments inside the parentheses.
         let name = params.get(1).map(String::as_str).unwrap_or("");
         let current = self.current();
@@ -534,6 +502,54 @@ impl Daemon {
         drop(live);
         log.info(&format!("call over: {end}"));
     }
+}
+
+/// The call's first exchange: `P` and the prefetched variables asked at
+/// once (their answers come right after `P`'s, one round trip sooner than
+/// if they waited for the profile), then `P`'s answer read, with the
+/// events before it. `None` (logged) if Asterisk hangs up or closes
+/// first, or never answers.
+async fn greet(
+    wr: &mut OwnedWriteHalf,
+    events: &mut LineReader<BufReader<QuickAck>>,
+    prefetch: &[String],
+    peer: SocketAddr,
+    log: &Logger,
+) -> Option<(Vec<String>, Vec<EventLine>)> {
+    let asked = Instant::now();
+    let first: Vec<Command> = std::iter::once(Command::GetParams)
+        .chain(prefetch.iter().map(|n| Command::GetVars(vec![n.clone()])))
+        .collect();
+    if write_commands(wr, &first).await.is_err() {
+        log.info(&format!("connection from {peer} closed at once"));
+        return None;
+    }
+    let (params, early) = match timeout(PARAMS_WAIT, read_params(events, log)).await {
+        Ok(Some(answer)) => answer,
+        Ok(None) => {
+            log.info(&format!("{peer} hung up before the call began"));
+            return None;
+        }
+        Err(_) => {
+            log.warn(&format!(
+                "no answer to P from {peer} within {PARAMS_WAIT:?}: not Asterisk? closing"
+            ));
+            return None;
+        }
+    };
+    if !prefetch.is_empty() && eivr::drain_after_answer(wr).await.is_err() {
+        log.info(&format!("{peer} closed the connection"));
+        return None;
+    }
+    log.debug(&format!(
+        "parameters in {}us: {}",
+        asked.elapsed().as_micros(),
+        params.join(",")
+    ));
+    if params.join(",").len() == P_BUFFER_FULL {
+        log.warn("the P answer fills Asterisk's 99-byte buffer: arguments may be cut");
+    }
+    Some((params, early))
 }
 
 /// Events up to the answer to `P`: its data, and the events before it.

@@ -246,19 +246,8 @@ pub(crate) async fn run(
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     events: mpsc::Sender<XmppEvent>,
 ) {
-    // Commands that arrive while logging in wait for the stream; a close
-    // abandons the login at once.
-    let mut pending = Vec::new();
-    let attempt = login(&account);
-    tokio::pin!(attempt);
-    let result = loop {
-        tokio::select! {
-            result = &mut attempt => break result,
-            cmd = cmds.recv() => match cmd {
-                Some(Cmd::Close) | None => return,
-                Some(cmd) => pending.push(cmd),
-            },
-        }
+    let Some((result, pending)) = log_in(&account, &mut cmds).await else {
+        return;
     };
     let conn = match result {
         Ok(conn) => conn,
@@ -287,38 +276,9 @@ pub(crate) async fn run(
     } = conn;
     let mut outbox = Outbox::new(written, options.keepalive.is_some());
 
-    // The roster first, then the initial presence: the server answers
-    // the roster before it sends the contacts' presence, so the call knows
-    // whose presence to wait for. Initial presence also makes the server
-    // route messages for the bare JID to us and release stored offline
-    // messages. Room joins follow. All of it is pipelined ahead of whatever
-    // the shell sends next, so it costs no round trip.
-    let mut first: Vec<Stanza> = Vec::new();
-    if !options.contacts.is_empty() {
-        first.push(
-            Iq::from_get(
-                ROSTER_ID,
-                Roster {
-                    ver: None,
-                    items: vec![],
-                },
-            )
-            .into(),
-        );
-    }
-    first.push(own_presence(account.statusmessage.as_deref()).into());
-    for (room, nick) in &options.rooms {
-        match join_room(room, nick) {
-            Ok(p) => first.push(p.into()),
-            Err(e) => log::warn!("xmpp: cannot join: {e}"),
-        }
-    }
-    if !options.contacts.is_empty() || !options.rooms.is_empty() {
-        first.push(Iq::from_get(SETTLE_ID, Ping).into());
-    }
     let online_at = Instant::now();
     let mut end = None;
-    for stanza in first {
+    for stanza in first_stanzas(&account, &options) {
         if let Err(e) = send(&mut stream, &XmppStreamElement::Stanza(stanza), Phase::Bind).await {
             end = Some(lost(e));
             break;
@@ -354,23 +314,89 @@ pub(crate) async fn run(
         End::Close => close(stream).await,
         End::Failed(e) => {
             log::debug!("xmpp: session as {jid} ended: {e}");
-            let mut unconfirmed = outbox.take();
-            // Messages still queued for the session never went out at all;
-            // one sent from now on is refused (Session::send_tagged).
-            cmds.close();
-            while let Ok(cmd) = cmds.try_recv() {
-                if let (Cmd::Send(m, tag), true) = (cmd, outbox.track) {
-                    unconfirmed.push((tag, m));
-                }
-            }
-            if !unconfirmed.is_empty() {
-                let _ = events.send(XmppEvent::Unconfirmed(unconfirmed)).await;
-            }
-            let _ = events
-                .send(XmppEvent::Status(XmppStatus::Failed(e.to_string())))
-                .await;
+            report_failure(e, outbox, cmds, &events).await;
         }
     }
+}
+
+/// Log in. Commands that arrive meanwhile wait for the stream (returned
+/// with the result); a close, or the shell gone, abandons the login at
+/// once (None).
+async fn log_in(
+    account: &Account,
+    cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+) -> Option<(Result<Connection, XmppError>, Vec<Cmd>)> {
+    let mut pending = Vec::new();
+    let attempt = login(account);
+    tokio::pin!(attempt);
+    loop {
+        tokio::select! {
+            result = &mut attempt => return Some((result, pending)),
+            cmd = cmds.recv() => match cmd {
+                Some(Cmd::Close) | None => return None,
+                Some(cmd) => pending.push(cmd),
+            },
+        }
+    }
+}
+
+/// What goes out right after the login: the roster first, then the
+/// initial presence (the server answers the roster before it sends the
+/// contacts' presence, so the call knows whose presence to wait for;
+/// initial presence also makes the server route messages for the bare JID
+/// to us and release stored offline messages), the room joins, and a ping
+/// whose answer says the server has handled them all. Pipelined ahead of
+/// whatever the shell sends next, so it costs no round trip.
+fn first_stanzas(account: &Account, options: &SessionOptions) -> Vec<Stanza> {
+    let mut first: Vec<Stanza> = Vec::new();
+    if !options.contacts.is_empty() {
+        first.push(
+            Iq::from_get(
+                ROSTER_ID,
+                Roster {
+                    ver: None,
+                    items: vec![],
+                },
+            )
+            .into(),
+        );
+    }
+    first.push(own_presence(account.statusmessage.as_deref()).into());
+    for (room, nick) in &options.rooms {
+        match join_room(room, nick) {
+            Ok(p) => first.push(p.into()),
+            Err(e) => log::warn!("xmpp: cannot join: {e}"),
+        }
+    }
+    if !options.contacts.is_empty() || !options.rooms.is_empty() {
+        first.push(Iq::from_get(SETTLE_ID, Ping).into());
+    }
+    first
+}
+
+/// The link broke: hand the shell every message it may have lost (those
+/// the server did not confirm, and those still queued, which never went
+/// out), then the failure.
+async fn report_failure(
+    e: XmppError,
+    mut outbox: Outbox,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    events: &mpsc::Sender<XmppEvent>,
+) {
+    let mut unconfirmed = outbox.take();
+    // One sent from now on is refused (Session::send_tagged).
+    cmds.close();
+    while let Ok(cmd) = cmds.try_recv() {
+        if let (Cmd::Send(m, tag), true) = (cmd, outbox.track) {
+            unconfirmed.push((tag, m));
+        }
+    }
+    if !unconfirmed.is_empty() {
+        let _ = events.send(XmppEvent::Unconfirmed(unconfirmed)).await;
+    }
+    let _ = events
+        .send(XmppEvent::Status(XmppStatus::Failed(e.to_string())))
+        .await;
 }
 
 async fn relay(
@@ -421,53 +447,65 @@ async fn relay(
             // Cancel-safe: a half-read element stays in the stream's state.
             item = stream.next() => {
                 last_heard = Instant::now();
-                let event = match item {
-                    Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(Stanza::Iq(
-                        Iq::Result { id, .. } | Iq::Error { id, .. },
-                    ))))) if outbox.answered(&id) => {
-                        if outbox.wants_ping()
-                            && let Err(end) = outbox.ping(stream, keepalive).await
-                        {
-                            return end;
+                match on_item(stream, item, ctx, outbox).await {
+                    Ok(Some(event)) => {
+                        if events.send(event).await.is_err() {
+                            return End::Close;
                         }
-                        None
                     }
-                    Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(Stanza::Iq(
-                        iq @ (Iq::Result { .. } | Iq::Error { .. }),
-                    ))))) if ended::ours(iq.id()) => outbox.recalled(&iq),
-                    Some(Ok(FallibleStreamElement::Ok(el))) => match on_element(stream, el, ctx).await {
-                        Ok(event) => event,
-                        Err(end) => return end,
-                    },
-                    Some(Ok(FallibleStreamElement::Err(e))) => {
-                        // One malformed stanza from a peer must not end the call.
-                        log::debug!("xmpp: ignoring {e}");
-                        None
-                    }
-                    Some(Err(ReadError::SoftTimeout)) => {
-                        // Quiet for a while: prove the link is alive.
-                        if let Err(end) = outbox.ping(stream, keepalive).await {
-                            return end;
-                        }
-                        None
-                    }
-                    Some(Err(ReadError::HardError(e))) => {
-                        return End::Failed(XmppError::Lost(io_reason(&e)));
-                    }
-                    Some(Err(ReadError::ParseError(e))) => {
-                        return End::Failed(XmppError::Protocol(e.to_string()));
-                    }
-                    Some(Err(ReadError::StreamFooterReceived)) | None => {
-                        return End::Failed(XmppError::Lost("connection closed by server".into()));
-                    }
-                };
-                if let Some(event) = event
-                    && events.send(event).await.is_err()
-                {
-                    return End::Close;
+                    Ok(None) => {}
+                    Err(end) => return end,
                 }
             }
         }
+    }
+}
+
+type Item = Option<Result<FallibleStreamElement, ReadError>>;
+
+/// One read from the stream: an answer to our own ping or recall, an
+/// element for `on_element`, something to skip, or the end of the link.
+async fn on_item(
+    stream: &mut Stream,
+    item: Item,
+    ctx: &Ctx<'_>,
+    outbox: &mut Outbox,
+) -> Result<Option<XmppEvent>, End> {
+    let keepalive = ctx.options.keepalive;
+    match item {
+        Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(Stanza::Iq(
+            Iq::Result { id, .. } | Iq::Error { id, .. },
+        )))))
+            if outbox.answered(&id) =>
+        {
+            if outbox.wants_ping() {
+                outbox.ping(stream, keepalive).await?;
+            }
+            Ok(None)
+        }
+        Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(Stanza::Iq(
+            iq @ (Iq::Result { .. } | Iq::Error { .. }),
+        )))))
+            if ended::ours(iq.id()) =>
+        {
+            Ok(outbox.recalled(&iq))
+        }
+        Some(Ok(FallibleStreamElement::Ok(el))) => on_element(stream, el, ctx).await,
+        Some(Ok(FallibleStreamElement::Err(e))) => {
+            // One malformed stanza from a peer must not end the call.
+            log::debug!("xmpp: ignoring {e}");
+            Ok(None)
+        }
+        Some(Err(ReadError::SoftTimeout)) => {
+            // Quiet for a while: prove the link is alive.
+            outbox.ping(stream, keepalive).await?;
+            Ok(None)
+        }
+        Some(Err(ReadError::HardError(e))) => Err(End::Failed(XmppError::Lost(io_reason(&e)))),
+        Some(Err(ReadError::ParseError(e))) => Err(End::Failed(XmppError::Protocol(e.to_string()))),
+        Some(Err(ReadError::StreamFooterReceived)) | None => Err(End::Failed(XmppError::Lost(
+            "connection closed by server".into(),
+        ))),
     }
 }
 
