@@ -99,6 +99,28 @@ const INVISIBLE: [char; 7] = [
     '\u{202E}', '\u{2066}', '\u{2069}', '\u{200E}', '\u{200F}', '\u{FEFF}', '\u{2028}',
 ];
 
+/// Unicode's format characters (category Cf: soft hyphen, bidi and
+/// zero-width controls, tags…) and the line and paragraph separators,
+/// with the unassigned points inside their blocks: invisible in a log or
+/// a dialplan, so a name holding one is not one an admin wrote.
+fn is_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}'
+    )
+}
+
 /// A name `G` can carry: no comma (Asterisk splits on each), no white
 /// space, control or invisible character.
 fn plausible_get_name(n: &str) -> bool {
@@ -106,7 +128,7 @@ fn plausible_get_name(n: &str) -> bool {
         && !n.contains(',')
         && !n.contains(char::is_whitespace)
         && !n.contains(char::is_control)
-        && !n.contains(INVISIBLE)
+        && !n.contains(is_format)
 }
 
 /// The bytes C's `isspace` strips (Asterisk's `ast_strip`).
