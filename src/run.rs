@@ -43,6 +43,13 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Malformed event lines logged per call; the rest are only counted.
 const MALFORMED_LOGGED: usize = 5;
 
+/// How long a reply waits for the private storage's answer about its
+/// sender ([`Claim::Wait`]). The read goes out right after the pop and
+/// both stock servers answer it within milliseconds, long before a person
+/// replies; a server that lets a reply wait this long is treated like one
+/// without the storage, so the reply is not left to the call's timeout.
+const RECALL_PATIENCE: Duration = Duration::from_secs(2);
+
 /// Run one call on stdin/stdout until it is over. Returns once the call is
 /// done; the caller exits the process.
 pub async fn run_call(setup: CallSetup, log: Logger) -> Result<()> {
@@ -401,8 +408,8 @@ struct OwnSession {
     session: Option<xmpp::Session>,
     claims: Claims,
     /// Replies that wait for the storage's answer about their sender
-    /// ([`Claim::Wait`]), in the order they came.
-    held: VecDeque<IncomingMessage>,
+    /// ([`Claim::Wait`]), in the order they came, with when they came.
+    held: VecDeque<(Instant, IncomingMessage)>,
     /// The storage failed once: said in the log already.
     storage_failed: bool,
     log: Logger,
@@ -420,7 +427,7 @@ impl OwnSession {
         let from = m.from_full.clone();
         match self.claims.claim(m, wall_ms()) {
             Claim::Mine(m) => return Some(Input::Message(m)),
-            Claim::Wait(m) => self.held.push_back(m),
+            Claim::Wait(m) => self.held.push_back((Instant::now(), m)),
             Claim::Answer(notice) => {
                 self.log.info(&format!(
                     "reply from {from} taken by no call: told them how to answer"
@@ -440,14 +447,45 @@ impl OwnSession {
         while let Some(at) = self
             .held
             .iter()
-            .position(|m| !self.claims.recalling(&m.from_bare))
+            .position(|(_, m)| !self.claims.recalling(&m.from_bare))
         {
-            let m = self.held.remove(at).expect("a position in the queue");
+            let (_, m) = self.held.remove(at).expect("a position in the queue");
             if let Some(input) = self.take(m) {
                 return Some(input);
             }
         }
         None
+    }
+
+    /// When the oldest held reply has waited long enough.
+    fn patience_ends(&self) -> Option<Instant> {
+        self.held.front().map(|(at, _)| *at + RECALL_PATIENCE)
+    }
+
+    /// The storage kept the senders of replies that waited
+    /// [`RECALL_PATIENCE`] without an answer: treat it as failed for them.
+    fn give_up_recalls(&mut self) {
+        let now = Instant::now();
+        let late: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(at, m)| *at + RECALL_PATIENCE <= now && self.claims.recalling(&m.from_bare))
+            .map(|(_, m)| m.from_bare.clone())
+            .collect();
+        for agent in late {
+            self.warn_no_storage(&format!("no answer within {RECALL_PATIENCE:?}"));
+            self.claims.recalled(&agent, None);
+        }
+    }
+
+    /// Said once per call: what a missing storage answer costs.
+    fn warn_no_storage(&mut self, why: &str) {
+        if !std::mem::replace(&mut self.storage_failed, true) {
+            self.log.warn(&format!(
+                "the server keeps no private storage (XEP-0049: {why}): a late answer to a call \
+                 that ended can move the next one"
+            ));
+        }
     }
 }
 
@@ -502,10 +540,18 @@ impl Link for OwnSession {
             if let Some(input) = self.release() {
                 return input;
             }
+            let patience = self.patience_ends();
             let Some(session) = &mut self.session else {
                 return std::future::pending().await;
             };
-            let Some(event) = session.recv().await else {
+            let event = tokio::select! {
+                event = session.recv() => event,
+                () = sleep(patience) => {
+                    self.give_up_recalls();
+                    continue;
+                }
+            };
+            let Some(event) = event else {
                 // The session task is gone: stop polling it, and let the
                 // replies that waited for it through.
                 self.session = None;
@@ -514,12 +560,7 @@ impl Link for OwnSession {
             };
             if let xmpp::XmppEvent::Recalled(agent, ended) = event {
                 let ended = ended.unwrap_or_else(|why| {
-                    if !std::mem::replace(&mut self.storage_failed, true) {
-                        self.log.warn(&format!(
-                            "the server keeps no private storage (XEP-0049: {why}): a late \
-                             answer to a call that ended can move the next one"
-                        ));
-                    }
+                    self.warn_no_storage(&why);
                     None
                 });
                 self.claims.recalled(&agent, ended);

@@ -490,6 +490,42 @@ async fn without_private_storage_the_log_says_what_is_lost() {
     desk.close().await;
 }
 
+/// A prosody module that takes every private-storage read (XEP-0049) and
+/// never answers it; stores still reach mod_private.
+const STORAGE_NEVER_ANSWERS: &str = r#"
+module:hook("iq/self/jabber:iq:private:query", function(event)
+    if event.stanza.attr.type == "get" then return true; end
+end, 1000);
+"#;
+
+/// A server that answers everything but the storage read: alice's plain
+/// reply waits 2 s for it at most, then counts as on a server without the
+/// storage (and the log says so), instead of waiting for the call's
+/// 30 s timeout and losing her answer to the default action.
+#[tokio::test]
+async fn a_storage_that_never_answers_holds_a_reply_two_seconds_at_most() {
+    let server = Prosody::builder()
+        .extra_module("popivr_test_unanswered_reads", STORAGE_NEVER_ANSWERS)
+        .user("pbx", PBX_PW)
+        .user("alice", ALICE_PW)
+        .start();
+    let desk = desk_with_alice(&server).await;
+    let call = sales_call(
+        &server,
+        ("unanswered-storage", "Only", 30),
+        ("5551111", 10),
+        "im alice receives: Only call from 5551111*\n\
+         im alice says: 1\n\
+         expect-within: 4s\n\
+         expect: V,POPIVR_ACTION=desk,POPIVR_REPLY=1,*\nexpect: E,*\n\
+         im alice receives: Only: sent to desk\nexits-within: 2s\n\
+         stderr-has: *the server keeps no private storage (XEP-0049: no answer within 2s): a \
+         late answer to a call that ended can move the next one*\n",
+    );
+    passed(run(call, Steps::all(&desk)).await);
+    desk.close().await;
+}
+
 /// What a server does with a chat for a full JID that is gone.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reroute {

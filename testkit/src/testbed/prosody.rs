@@ -25,6 +25,8 @@ pub struct Builder {
     plaintext: bool,
     /// Modules of [`MODULES`] left out.
     left_out: Vec<&'static str>,
+    /// Modules of the test's own: (name, Lua source).
+    extra: Vec<(String, String)>,
     /// (user, host, password); host `None` is the main domain.
     users: Vec<(String, Option<String>, String)>,
     cert_names: Option<Vec<String>>,
@@ -44,6 +46,10 @@ impl std::fmt::Debug for Builder {
             .field("hosts", &self.hosts)
             .field("plaintext", &self.plaintext)
             .field("left_out", &self.left_out)
+            .field(
+                "extra",
+                &self.extra.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
             .field("users", &users)
             .field("cert_names", &self.cert_names)
             .field("install", &self.install)
@@ -58,6 +64,7 @@ impl Default for Builder {
             hosts: Vec::new(),
             plaintext: false,
             left_out: Vec::new(),
+            extra: Vec::new(),
             users: Vec::new(),
             cert_names: None,
             install: Install::Quiet,
@@ -83,6 +90,14 @@ impl Builder {
     /// keeps no private XML storage (XEP-0049).
     pub fn without_private(mut self) -> Self {
         self.left_out.push("private");
+        self
+    }
+
+    /// Load a module of the test's own (`mod_NAME.lua` with this Lua
+    /// source) after the stock ones: a server that misbehaves in one
+    /// precise way a stock one never stages on demand.
+    pub fn extra_module(mut self, name: &str, source: &str) -> Self {
+        self.extra.push((name.to_owned(), source.to_owned()));
         self
     }
 
@@ -159,6 +174,11 @@ impl Builder {
         fs::write(dir.path().join("ca.pem"), ca.pem()).map_err(io("write ca.pem"))?;
         fs::create_dir_all(dir.path().join("data")).map_err(io("data dir"))?;
         fs::create_dir_all(dir.path().join("certs")).map_err(io("certs dir"))?;
+        fs::create_dir_all(dir.path().join("plugins")).map_err(io("plugins dir"))?;
+        for (name, source) in &self.extra {
+            fs::write(dir.path().join(format!("plugins/mod_{name}.lua")), source)
+                .map_err(io("write a module"))?;
+        }
 
         let mut server = Prosody {
             base: ServerBase {
@@ -171,6 +191,7 @@ impl Builder {
             },
             plaintext: self.plaintext,
             left_out: self.left_out.clone(),
+            extra: self.extra.iter().map(|(n, _)| n.clone()).collect(),
         };
         // Registration and start-up are separate processes: overlap them.
         let t0 = Instant::now();
@@ -203,6 +224,8 @@ pub struct Prosody {
     base: ServerBase,
     plaintext: bool,
     left_out: Vec<&'static str>,
+    /// Names of the test's own modules, in `plugins/`.
+    extra: Vec<String>,
 }
 
 impl std::ops::Deref for Prosody {
@@ -284,6 +307,8 @@ impl Prosody {
         let modules: Vec<String> = MODULES
             .iter()
             .filter(|m| !self.left_out.contains(m))
+            .copied()
+            .chain(self.extra.iter().map(String::as_str))
             .map(|m| format!("\"{m}\""))
             .collect();
         let modules = modules.join("; ");
@@ -301,6 +326,7 @@ impl Prosody {
 run_as_root = true
 pidfile = "{d}/prosody.pid"
 data_path = "{d}/data"
+plugin_paths = {{ "{d}/plugins" }}
 certificates = "{d}/certs"
 log = {{ info = "{d}/prosody.log" }}
 interfaces = {{ "127.0.0.1" }}
